@@ -1,0 +1,135 @@
+"""The `diffalign` command line. Each command parses its arguments, then calls into the package (imported lazily, so
+`--help` and bad-input errors are fast). Errors a user can cause are one line on stderr with exit code 2; `--debug`
+shows the traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffalign.errors import NotImplementedYet, UserError
+
+app = typer.Typer(
+    name="diffalign",
+    help="Align text-to-image diffusion models with human preferences (Diffusion-DPO, InPO, AlignProp, ReNO, RLG).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+) -> None:
+    _state["debug"] = debug or os.environ.get("DIFFALIGN_DEBUG", "") == "1"
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'toy', a hub id, a local pipeline folder, or tiny-<family>.")]
+
+
+# ------------------------------------------------------------------------------------------------------------- train
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, nested with dots: lora.rank=8")] = None,
+) -> None:
+    """Train with a recipe (method: dpo). Runs under `accelerate launch -m diffalign train ...` too."""
+    from diffalign.config import TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, config, overrides or [])
+    from diffalign.hub import resolve_model
+
+    resolve_model(cfg.model.name, cfg.model.revision)
+    raise NotImplementedYet(f"training method {cfg.method!r} is not implemented yet (issue: Diffusion-DPO recipe)")
+
+
+# ---------------------------------------------------------------------------------------------------------- generate
+@app.command()
+def generate(
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Text file with one prompt per line.")] = None,
+    model: ModelOpt = "toy",
+    lora: Annotated[Path | None, typer.Option(help="LoRA folder (diffusers format) to load.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/generate"),
+    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")] = 1,
+    steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (default: the model's).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", help="CFG scale.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+) -> None:
+    """Generate images with a stock pipeline (optionally with a LoRA) into a folder of PNGs + prompts.jsonl."""
+    from diffalign.data.prompts import read_prompts
+
+    texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])
+    if not texts:
+        raise UserError("give at least one --prompt or a --prompts file")
+    from diffalign.hub import resolve_model
+
+    resolve_model(model)
+    from diffalign.infer.generate import generate_to_folder
+
+    written = generate_to_folder(model, texts, out, lora=lora, num_images=num_images, num_steps=steps,
+                                 guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device,
+                                 dtype=dtype)
+    typer.echo(f"wrote {written} images to {out}")
+
+
+# -------------------------------------------------------------------------------------------------------------- reno
+@app.command()
+def reno() -> None:
+    """ReNO: reward-based initial-noise optimisation for one/few-step models (not implemented yet)."""
+    raise NotImplementedYet("`diffalign reno` is not implemented yet (a later issue adds ReNO)")
+
+
+# ------------------------------------------------------------------------------------------------------------- score
+@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def score(ctx: typer.Context) -> None:
+    """Score images with a reward (not implemented yet)."""
+    raise NotImplementedYet("`diffalign score` is not implemented yet (issue: reward models)")
+
+
+@app.command()
+def rewards() -> None:
+    """List the registered rewards (not implemented yet)."""
+    raise NotImplementedYet("`diffalign rewards` is not implemented yet (issue: reward models)")
+
+
+# ------------------------------------------------------------------------------------------------------------- pairs
+@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def pairs(ctx: typer.Context) -> None:
+    """Generate AI-feedback preference pairs (not implemented yet)."""
+    raise NotImplementedYet("`diffalign pairs` is not implemented yet (issue: Diffusion-DPO recipe)")
+
+
+# -------------------------------------------------------------------------------------------------------------- demo
+@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def demo(ctx: typer.Context) -> None:
+    """Run every method on the bundled toy world and write an HTML report."""
+    from diffalign.hub import resolve_model
+
+    resolve_model("toy")
+    raise NotImplementedYet("`diffalign demo` is not implemented yet (issue: toy shapes world)")
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    """Entry point of `diffalign` and `python -m diffalign`."""
+    try:
+        app()
+    except UserError as e:
+        if _state["debug"]:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,285 @@
+"""Typed configs: dataclasses with defaults, loaded from YAML plus `key=value` overrides (nested with dots).
+
+Strict: an unknown key, a value of the wrong type or a missing required value raises `UserError` naming the key and the
+valid keys, before any model is loaded. Override values are parsed as YAML (`lr=1e-4`, `lora.targets=[to_q,to_k]`),
+except for string fields, which take the text as written (`model.name=123` stays "123").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from diffalign.errors import UserError
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------------------------- schemas
+@dataclass
+class ModelConfig:
+    """Which pipeline to load."""
+
+    name: str = "toy"
+    """'toy' (the bundled shapes-world model), a hub id, or a local folder written by `save_pretrained`."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Weights dtype of the frozen parts (VAE, text encoders). Trainable weights stay float32."""
+    resolution: int | None = None
+    """Training/sampling resolution in pixels; default: the family's native resolution."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter on the denoiser (UNet or transformer). `enabled: false` means a full fine-tune."""
+
+    enabled: bool = True
+    rank: int = 4
+    alpha: float | None = None
+    """LoRA alpha; default = rank (scale 1)."""
+    targets: list[str] | None = None
+    """Module names to adapt; default: the family's attention projections."""
+    dropout: float = 0.0
+
+
+@dataclass
+class DPOConfig:
+    """Diffusion-DPO (Wallace et al. 2023). β in the paper's convention: inside = -(β/2)·(Δpolicy - Δreference)."""
+
+    beta: float = 5000.0
+    loss: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0
+    """Conservative DPO label smoothing for the sigmoid loss (0 = off)."""
+
+
+@dataclass
+class DataConfig:
+    """Preference pairs in the Pick-a-Pic v2 schema: caption, jpg_0, jpg_1, label_0."""
+
+    source: str = ""
+    """A hub dataset id or a local .parquet/.jsonl/.csv file (image paths or bytes)."""
+    split: str = "train"
+    streaming: bool = False
+    caption_column: str = "caption"
+    image_columns: list[str] = field(default_factory=lambda: ["jpg_0", "jpg_1"])
+    label_column: str = "label_0"
+    keep_ties: bool = False
+    """Keep label 0.5 pairs with half weight in both orders (default: drop them, as the paper does)."""
+    empty_prompt_fraction: float = 0.2
+    """Fraction of captions replaced by "" (so the model keeps an unconditional mode for CFG)."""
+    random_flip: bool = True
+    random_crop: bool = False
+    max_pairs: int | None = None
+    num_workers: int = 0
+    cache_dir: str | None = None
+    """If set, VAE latents and prompt embeddings are pre-computed into this folder and reused."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = 0
+    scale_lr: bool = False
+    """Multiply lr by batch size x accumulation x processes (diffusers' `--scale_lr`)."""
+
+
+@dataclass
+class ValidationConfig:
+    """Image grids and reward during training."""
+
+    every: int = 0
+    """Run validation every N optimizer steps (0 = only at the end)."""
+    prompts: list[str] = field(default_factory=list)
+    """Fixed prompts; default: the model's held-out prompts (toy world) or none."""
+    reward: str | None = None
+    """Reward spec scored on the validation images (see `diffalign rewards`)."""
+    num_images: int = 1
+    num_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    """`diffalign train CONFIG.yaml [key=value ...]`."""
+
+    method: Literal["dpo"] = "dpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    output_dir: str = "runs/train"
+    seed: int = 0
+    max_steps: int = 2000
+    batch_size: int = 1
+    """Pairs per process per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = False
+    checkpoint_every: int = 500
+    checkpoints_keep: int = 2
+    resume: str = "auto"
+    """'auto' (newest complete checkpoint in output_dir, if any), 'none', or a checkpoint folder."""
+    log_every: int = 10
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    max_bad_steps: int = 0
+    """Stop at the first non-finite loss (0) or tolerate this many skipped steps."""
+
+
+# --------------------------------------------------------------------------------------------------------------- loader
+class _Raw(str):
+    """An override value as typed on the command line; parsed as YAML unless the field is a string."""
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _is_optional(tp: Any) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the type annotation `tp` (converting _Raw override text); raise UserError naming `key`."""
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, _Raw):
+            raise UserError(f"config key '{key}' is a section; set its fields with '{key}.<field>=value'")
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping of {_field_list(tp)}, got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    if _is_optional(tp):
+        if value is None or (isinstance(value, _Raw) and value.lower() in ("null", "none", "~")):
+            return None
+        (inner,) = [a for a in get_args(tp) if a is not type(None)]
+        return _convert(value, inner, key)
+    if tp is str:
+        if isinstance(value, str):
+            return str(value)
+        raise UserError(f"config key '{key}' must be a string, got {value!r}")
+    if isinstance(value, _Raw):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"config key '{key}': cannot parse {str(value)!r} as {_type_name(tp)}") from None
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise UserError(f"config key '{key}' must be one of {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = get_args(tp)
+        if isinstance(value, (str, _Raw)) and item is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' must be a list of {_type_name(item)}, got {value!r}")
+        return [_convert(_Raw(v) if isinstance(v, str) and item is not str else v, item, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    else:
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _field_list(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise UserError(f"unknown config key '{prefix}{key}'; valid keys here: {_field_list(cls)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], prefix + f.name)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise UserError(f"missing required config key '{prefix}{f.name}'")
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ['a.b=1', 'c=x'] into {'a': {'b': _Raw('1')}, 'c': _Raw('x')}."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override {item!r} is not of the form key=value (nested keys with dots: lora.rank=8)")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} conflicts with an earlier override of '{part}'")
+        node[leaf] = _Raw(value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build `cls` from an optional YAML file and `key=value` overrides; strict about keys and types."""
+    data = read_yaml(path) if path is not None else {}
+    return _build(cls, _merge(data, parse_overrides(overrides or [])))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict of a config dataclass (for saving the resolved config)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML; `load_config(type(config), path)` reads it back."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,58 @@
+"""Resolving model names to local folders or hub ids, without importing torch (so bad input fails in well under 2 s)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from diffalign.errors import UserError
+
+TINY_PREFIX = "tiny-"
+ASSETS_DIR = Path(os.environ.get("DIFFALIGN_ASSETS", Path(__file__).resolve().parent.parent / "assets"))
+TOY_MODEL_DIR = ASSETS_DIR / "toy" / "model"
+
+
+def offline() -> bool:
+    """True when huggingface_hub must not touch the network (HF_HUB_OFFLINE=1)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model(name: str, revision: str | None = None) -> str:
+    """Map a model name to what `from_pretrained` should load: a local folder (str path) or a hub id.
+
+    'toy' is the bundled shapes-world pipeline; 'tiny-sd', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux' are built in memory from
+    configs (random weights, for smoke tests) and returned unchanged. A hub id that is not in the local cache while
+    offline is a UserError naming it.
+    """
+    if name == "toy":
+        if not (TOY_MODEL_DIR / "model_index.json").is_file():
+            raise UserError(f"the toy assets are not built yet ({TOY_MODEL_DIR} is missing): run `make assets`")
+        return str(TOY_MODEL_DIR)
+    if name.startswith(TINY_PREFIX):
+        return name
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json): save it with "
+                            "`pipe.save_pretrained(folder)`")
+        return str(path)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise UserError(f"model {name!r} is neither a local folder nor a hub id of the form owner/name")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "model_index.json", revision=revision)
+    if isinstance(cached, str):
+        return name
+    if offline():
+        raise UserError(f"model {name!r} is not available offline (not in the Hugging Face cache): download it "
+                        "where there is network, or pass a local folder written by save_pretrained")
+    return name
+
+
+def pipeline_class_name(resolved: str) -> str | None:
+    """The `_class_name` of a local pipeline folder's model_index.json (None for hub ids and tiny models)."""
+    index = Path(resolved) / "model_index.json"
+    if not index.is_file():
+        return None
+    return json.loads(index.read_text()).get("_class_name")

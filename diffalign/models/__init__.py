@@ -1,0 +1,61 @@
+"""Model families: the ONE layer that knows UNet vs transformer. See `base.Family` for the interface."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from diffalign.errors import UserError
+from diffalign.hub import TINY_PREFIX, offline, resolve_model
+from diffalign.models.base import Cond, Family, Schedule, cond_cat, cond_expand, cond_select, cond_to
+from diffalign.models.flux import FluxFamily
+from diffalign.models.sd import SDFamily
+from diffalign.models.sd3 import SD3Family
+from diffalign.models.sdxl import SDXLFamily
+
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (SDFamily, SDXLFamily, SD3Family, FluxFamily)}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAMPLING_DEFAULTS_FILE = "diffalign.json"
+"""Optional file in a pipeline folder with sampling defaults (num_steps, guidance_scale, eta, resolution)."""
+
+__all__ = ["FAMILIES", "Cond", "Family", "Schedule", "cond_cat", "cond_expand", "cond_select", "cond_to",
+           "family_for_pipeline", "load_family"]
+
+
+def family_for_pipeline(pipe) -> Family:
+    """Wrap a stock diffusers pipeline in its family (detected from the pipeline class)."""
+    for cls in type(pipe).__mro__:
+        for family in FAMILIES.values():
+            if cls.__name__ == family.pipeline_class_name:
+                return family(pipe)
+    supported = ", ".join(f.pipeline_class_name for f in FAMILIES.values())
+    raise UserError(f"pipeline class {type(pipe).__name__} is not supported; supported: {supported}")
+
+
+def load_family(name: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
+                revision: str | None = None, seed: int = 0) -> Family:
+    """Load a pipeline by name ('toy', 'tiny-<family>', hub id or local folder) and wrap it in its family."""
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    resolved = resolve_model(name, revision)
+    if resolved.startswith(TINY_PREFIX):
+        from diffalign.models.tiny import TINY_BUILDERS
+
+        kind = resolved[len(TINY_PREFIX):]
+        if kind not in TINY_BUILDERS:
+            raise UserError(f"unknown tiny model {name!r}; choose one of "
+                            + ", ".join(TINY_PREFIX + k for k in TINY_BUILDERS))
+        pipe = TINY_BUILDERS[kind](seed=seed)
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(resolved, torch_dtype=DTYPES[dtype], revision=revision,
+                                                 local_files_only=offline())
+    pipe.to(device)
+    family = family_for_pipeline(pipe)
+    defaults = Path(resolved) / SAMPLING_DEFAULTS_FILE
+    if defaults.is_file():
+        family.sampling_defaults.update(json.loads(defaults.read_text()))
+    return family

@@ -1,0 +1,346 @@
+"""The interface every model family offers, and the parts that are the same for all of them.
+
+A `Family` wraps a stock diffusers pipeline and is the only object that knows whether the denoiser is a UNet or a
+transformer. Methods (DPO, InPO, AlignProp, ReNO, RLG) and rewards only use this interface:
+
+    family.encode_prompts(prompts) -> Cond              per-prompt conditioning, a dict of [B, ...] tensors (cacheable)
+    family.encode_negative(negative_prompt) -> Cond     the unconditional/negative conditioning for CFG, batch 1
+    family.sample_train_timesteps(n) -> t               timesteps for the denoising loss (on the model's 0..1000 scale)
+    family.noisy_and_target(x0, noise, t)               model input x_t and the regression target (eps, v or velocity)
+    family.predict(x_t, t, cond, uncond, cfg_scale)     denoiser prediction, with optional classifier-free guidance
+    family.schedule(num_steps, latents) / .step(...)    sampler (DDIM with eta for UNets, Euler for flow), differentiable
+    family.sample(cond, ..., checkpoint, detach_before) full differentiable sampling loop
+    family.encode_images(images) / .decode(latents)     images in [0, 1] <-> latents (scaling and shift applied)
+    family.add_lora / save_lora / load_lora             peft LoRA on the denoiser, saved in the diffusers LoRA format
+
+Latents are always [B, C, h, w] here; families that pack latents (FLUX) pack and unpack inside `predict`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+Cond = dict[str, Tensor]
+
+
+# ------------------------------------------------------------------------------------------------ conditioning helpers
+def cond_select(cond: Cond, index: Tensor | slice | Sequence[int]) -> Cond:
+    """Rows `index` of every tensor in `cond`."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+def cond_cat(conds: Sequence[Cond]) -> Cond:
+    """Concatenate conditionings along the batch dimension."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def cond_expand(cond: Cond, batch_size: int) -> Cond:
+    """Broadcast a batch-1 conditioning to `batch_size` rows (no copy)."""
+    return {k: v.expand(batch_size, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in cond.items()}
+
+
+def cond_to(cond: Cond, device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
+    """Move (and for floating tensors cast) every tensor of `cond`."""
+    return {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+            for k, v in cond.items()}
+
+
+@dataclass
+class Schedule:
+    """Timesteps of a sampling run plus the per-step coefficients the family's `step` needs."""
+
+    timesteps: Tensor
+    """[N] timesteps passed to the denoiser, on the 0..1000 scale."""
+    coeffs: dict[str, Tensor] = field(default_factory=dict)
+    """DDIM: alpha_t, alpha_prev ([N] each). Flow: sigmas ([N+1])."""
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+@dataclass
+class LoraSpec:
+    """What `add_lora` was asked for (kept to save the adapter with its metadata)."""
+
+    rank: int
+    alpha: float
+    targets: list[str]
+    dropout: float = 0.0
+
+
+class Family:
+    """Base class of the model families. Subclasses implement the few methods that differ (marked below)."""
+
+    name: ClassVar[str]
+    pipeline_class_name: ClassVar[str]
+    denoiser_attr: ClassVar[str]  # "unet" or "transformer": the attribute of the pipeline and the LoRA key prefix
+    default_lora_targets: ClassVar[list[str]] = ["to_k", "to_q", "to_v", "to_out.0"]
+    text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    default_num_steps: ClassVar[int] = 50
+    default_guidance_scale: ClassVar[float] = 7.5
+
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
+        self._call_module: nn.Module | None = None  # e.g. the DDP-wrapped denoiser during training
+        self._reference_module: nn.Module | None = None  # frozen copy for full fine-tune
+        self.lora: LoraSpec | None = None
+        # How this model samples by default; a `diffalign.json` next to model_index.json may override them (the toy).
+        self.sampling_defaults: dict[str, Any] = {"num_steps": self.default_num_steps, "eta": 0.0,
+                                                  "guidance_scale": self.default_guidance_scale, "resolution": None}
+        pipe.set_progress_bar_config(disable=True)
+
+    # ---------------------------------------------------------------------------------------------- components
+    @property
+    def denoiser(self) -> nn.Module:
+        """The UNet or transformer (the raw module, never a DDP wrapper)."""
+        return getattr(self.pipe, self.denoiser_attr)
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def native_resolution(self) -> int:
+        """The resolution the denoiser was configured for (its sample_size in latent pixels x VAE factor)."""
+        return int(self.denoiser.config.sample_size) * self.vae_scale_factor
+
+    def latent_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
+        """Shape of the latents for `batch_size` images of `resolution` (default native) pixels."""
+        side = (resolution or self.native_resolution) // self.vae_scale_factor
+        return (batch_size, self.latent_channels, side, side)
+
+    def text_encoders(self) -> list[nn.Module]:
+        return [m for m in (getattr(self.pipe, a, None) for a in self.text_encoder_attrs) if m is not None]
+
+    def to(self, device: torch.device | str) -> Family:
+        """Move the whole pipeline to `device`."""
+        self.pipe.to(device)
+        if self._reference_module is not None:
+            self._reference_module.to(device)
+        return self
+
+    def freeze(self) -> None:
+        """Freeze every weight of the pipeline (VAE, text encoders, denoiser) and put them in eval mode."""
+        for module in [self.vae, self.denoiser, *self.text_encoders()]:
+            module.requires_grad_(False)
+            module.eval()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------------------ prompts
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:  # family-specific
+        """Conditioning for `prompts`: a dict of float tensors with batch dimension len(prompts)."""
+        raise NotImplementedError
+
+    def encode_negative(self, negative_prompt: str | None = None) -> Cond:  # family-specific
+        """The conditioning that the stock pipeline uses as the CFG negative for `negative_prompt` (batch 1)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------- training
+    def sample_train_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:  # family-specific
+        raise NotImplementedError
+
+    def noisy_and_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """Model input x_t and the regression target for clean `latents`, `noise` and `timesteps` ([B])."""
+        raise NotImplementedError  # family-specific
+
+    # ---------------------------------------------------------------------------------------------- prediction
+    def denoise(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:  # family-specific
+        """One denoiser call: x [B,C,h,w], t [B] (0..1000 scale), cond with batch B -> prediction [B,C,h,w]."""
+        raise NotImplementedError
+
+    @property
+    def model(self) -> nn.Module:
+        """The module `denoise` calls: the (possibly DDP-wrapped) denoiser, or the frozen reference."""
+        return self._call_module if self._call_module is not None else self.denoiser
+
+    @contextlib.contextmanager
+    def calling(self, module: nn.Module) -> Iterator[None]:
+        """Within the block `denoise` calls `module` (a DDP/FSDP wrapper of the denoiser, or a guidance wrapper)."""
+        previous, self._call_module = self._call_module, module
+        try:
+            yield
+        finally:
+            self._call_module = previous
+
+    def predict(
+        self, x: Tensor, t: Tensor | float, cond: Cond, uncond: Cond | None = None, guidance_scale: float = 1.0
+    ) -> Tensor:
+        """Denoiser prediction at x_t; with `uncond` and guidance_scale != 1, classifier-free guidance in one batch."""
+        batch = x.shape[0]
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(batch)
+        if uncond is None or guidance_scale == 1.0:
+            return self.denoise(x, t, cond_expand(cond, batch))
+        both = cond_cat([cond_expand(uncond, batch), cond_expand(cond, batch)])
+        pred_uncond, pred_cond = self.denoise(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    stochastic_sampler: ClassVar[bool] = False  # True when `step` uses noise (DDIM with eta > 0)
+
+    def schedule(self, num_steps: int, latents: Tensor) -> Schedule:  # family-specific
+        raise NotImplementedError
+
+    def step(self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, eta: float = 0.0,
+             noise: Tensor | None = None) -> Tensor:  # family-specific
+        """Sampler step i (x_t -> x_{t-1}); plain tensor math, so gradients flow through it."""
+        raise NotImplementedError
+
+    def initial_noise(self, batch_size: int, resolution: int | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """Initial latents x_T ~ N(0, I) (scaled by the scheduler's init sigma) on the CPU generator, moved to device."""
+        noise = torch.randn(self.latent_shape(batch_size, resolution), generator=generator, dtype=torch.float32)
+        return noise.to(self.device) * float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0))
+
+    def sample(
+        self,
+        cond: Cond,
+        uncond: Cond | None = None,
+        *,
+        latents: Tensor,
+        num_steps: int | None = None,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        detach_before: int = 0,
+        checkpoint: bool = True,
+    ) -> Tensor:
+        """Run the sampler from `latents` and return the final clean latents.
+
+        Differentiable when grad is enabled: steps i < `detach_before` run without gradient (their result is detached,
+        AlignProp/DRaFT truncation), later steps keep the graph, and with `checkpoint` each denoiser call is recomputed
+        in the backward pass instead of storing its activations. Sampler noise (eta > 0) is drawn up front from
+        `generator`, so checkpointed and plain runs see the same noise.
+        """
+        schedule = self.schedule(num_steps or self.sampling_defaults["num_steps"], latents)
+        noises = None
+        if eta > 0 and self.stochastic_sampler:
+            noises = [torch.randn(latents.shape, generator=generator).to(latents) for _ in range(len(schedule))]
+        grad = torch.is_grad_enabled()
+        x = latents
+        for i, t in enumerate(schedule.timesteps):
+            with torch.set_grad_enabled(grad and i >= detach_before):
+                if torch.is_grad_enabled() and checkpoint:
+                    pred = torch.utils.checkpoint.checkpoint(
+                        self.predict, x, t, cond, uncond, guidance_scale, use_reentrant=False
+                    )
+                else:
+                    pred = self.predict(x, t, cond, uncond, guidance_scale)
+                x = self.step(x, pred, schedule, i, eta=eta, noise=None if noises is None else noises[i])
+        return x
+
+    # ---------------------------------------------------------------------------------------------------- VAE
+    @property
+    def _vae_scale_shift(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
+
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
+        """Images [B,3,H,W] in [0,1] -> latents (posterior sample, or its mode with sample=False), scaled and shifted."""
+        scale, shift = self._vae_scale_shift
+        dist = self.vae.encode((images * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return ((z - shift) * scale).float()
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images [B,3,H,W] in [0,1] (float32), differentiable."""
+        scale, shift = self._vae_scale_shift
+        images = self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # --------------------------------------------------------------------------------------------------- LoRA
+    def add_lora(self, rank: int = 4, alpha: float | None = None, targets: Sequence[str] | None = None,
+                 dropout: float = 0.0) -> list[nn.Parameter]:
+        """Freeze the pipeline and add a peft LoRA adapter to the denoiser; returns the (only) trainable parameters.
+
+        B is initialised to zero (LoRA starts as the identity), A gaussian, as diffusers' training scripts do.
+        """
+        from peft import LoraConfig
+
+        self.freeze()
+        spec = LoraSpec(rank=rank, alpha=float(alpha if alpha is not None else rank),
+                        targets=list(targets or self.default_lora_targets), dropout=dropout)
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=spec.targets, lora_dropout=dropout,
+                            init_lora_weights="gaussian")
+        self.denoiser.add_adapter(config)
+        self.lora = spec
+        params = self.trainable_parameters()
+        for p in params:  # LoRA weights train in float32 even when the base weights are half precision
+            p.data = p.data.float()
+        return params
+
+    def enable_full_finetune(self) -> list[nn.Parameter]:
+        """Freeze VAE and text encoders, make every denoiser weight trainable and keep a frozen reference copy."""
+        self.freeze()
+        self._reference_module = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        self.denoiser.requires_grad_(True)
+        return self.trainable_parameters()
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within the block `denoise` is the reference model (LoRA disabled, or the frozen copy) under no_grad."""
+        with torch.no_grad():
+            if self._reference_module is not None:
+                with self.calling(self._reference_module):
+                    yield
+            elif self.lora is not None:
+                self.denoiser.disable_adapters()
+                try:
+                    with self.calling(self.denoiser):
+                        yield
+                finally:
+                    self.denoiser.enable_adapters()
+            else:
+                yield
+
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        """LoRA weights of the denoiser in the diffusers naming (without the 'unet.'/'transformer.' prefix)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser))
+
+    def save_lora(self, folder: str | Path) -> Path:
+        """Save the adapter as `pytorch_lora_weights.safetensors` with its config metadata (rank, alpha, targets), so
+        stock `pipe.load_lora_weights(folder)` reproduces it exactly."""
+        if self.lora is None:
+            raise RuntimeError("save_lora: this model has no LoRA adapter (call add_lora first)")
+        folder = Path(folder)
+        metadata = self.denoiser.peft_config["default"].to_dict()
+        type(self.pipe).save_lora_weights(
+            folder,
+            **{f"{self.denoiser_attr}_lora_layers": self.lora_state_dict(),
+               f"{self.denoiser_attr}_lora_adapter_metadata": metadata},
+            safe_serialization=True,
+        )
+        return folder
+
+    def load_lora(self, folder: str | Path, adapter_name: str | None = None) -> None:
+        """Load a diffusers-format LoRA folder (ours or any other) into the pipeline with the stock loader."""
+        self.pipe.load_lora_weights(str(folder), adapter_name=adapter_name)

@@ -1,0 +1,61 @@
+"""What the flow-matching transformer families (SD3/3.5, FLUX.1) share: rectified-flow training and an Euler sampler."""
+
+from __future__ import annotations
+
+import copy
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from diffalign.models.base import Family, Schedule
+
+
+class FlowFamily(Family):
+    """x_t = (1 - sigma) x0 + sigma eps, the model predicts the velocity eps - x0; timestep = 1000 sigma."""
+
+    denoiser_attr: ClassVar[str] = "transformer"
+    default_num_steps: ClassVar[int] = 28
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        # A fresh copy of the scheduler holds the training timesteps/sigmas (with the model's shift applied);
+        # `set_timesteps` on the pipeline's own scheduler would change them.
+        train = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        self.train_scheduler = train
+        self.train_timesteps = train.timesteps.to(torch.float32)
+        self.train_sigmas = train.sigmas[: len(train.timesteps)].to(torch.float32)
+
+    # ---------------------------------------------------------------------------------------------- training
+    def sample_train_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Uniform over the scheduler's training timesteps (as diffusers' flow-matching training scripts do)."""
+        index = torch.randint(0, len(self.train_timesteps), (n,), generator=generator)
+        return self.train_timesteps[index].to(self.device)
+
+    def sigmas_for(self, timesteps: Tensor) -> Tensor:
+        """sigma of each training timestep (looked up in the scheduler's table)."""
+        index = (self.train_timesteps[None, :] - timesteps.detach().float().cpu()[:, None]).abs().argmin(dim=1)
+        return self.train_sigmas[index].to(timesteps.device)
+
+    def noisy_and_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        sigma = self.sigmas_for(timesteps).reshape(-1, *([1] * (latents.ndim - 1))).to(latents)
+        return (1 - sigma) * latents + sigma * noise, noise - latents
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    def _set_sampling_timesteps(self, scheduler, num_steps: int, latents: Tensor) -> None:
+        """Family hook: call scheduler.set_timesteps exactly as the stock pipeline does."""
+        scheduler.set_timesteps(num_steps)
+
+    def schedule(self, num_steps: int, latents: Tensor) -> Schedule:
+        scheduler = copy.deepcopy(self.train_scheduler)
+        self._set_sampling_timesteps(scheduler, num_steps, latents)
+        return Schedule(scheduler.timesteps.to(latents.device), {"sigmas": scheduler.sigmas.to(torch.float32)})
+
+    def step(self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, eta: float = 0.0,
+             noise: Tensor | None = None) -> Tensor:
+        """Euler step of the probability-flow ODE: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v. Deterministic: eta > 0 is
+        an error (it belongs to DDIM), never silently ignored."""
+        if eta > 0:
+            raise ValueError(f"{self.name}: the flow-matching Euler sampler is deterministic; eta={eta} needs eta=0")
+        sigmas = schedule.coeffs["sigmas"].to(x.device)
+        return x + (sigmas[i + 1] - sigmas[i]) * pred.to(x.dtype)

@@ -1,0 +1,115 @@
+"""Stable Diffusion 1.x / 2.x: UNet2DConditionModel, one CLIP text encoder, epsilon or v-prediction, DDIM sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from diffalign.models.base import Cond, Family, Schedule
+
+
+class UNetFamily(Family):
+    """What SD 1.x/2.x and SDXL share: discrete-time DDPM training (eps or v target) and a DDIM sampler with eta."""
+
+    denoiser_attr: ClassVar[str] = "unet"
+    stochastic_sampler: ClassVar[bool] = True
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        from diffusers import DDIMScheduler
+
+        # A private DDIM scheduler: its alphas_cumprod serve training and sampling, and the pipeline's own scheduler
+        # (which `set_timesteps` mutates) is never touched.
+        self.ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.alphas_cumprod = self.ddim.alphas_cumprod.to(torch.float32)
+        self.num_train_timesteps = int(self.ddim.config.num_train_timesteps)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.ddim.config.prediction_type
+
+    # ---------------------------------------------------------------------------------------------- training
+    def sample_train_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """t ~ U{0, ..., T-1}."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
+
+    def _alpha(self, t: Tensor, like: Tensor) -> Tensor:
+        alpha = self.alphas_cumprod.to(like.device)[t.long().cpu()].to(like.device)
+        return alpha.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def noisy_and_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps; target eps (epsilon), sqrt(a_t) eps - sqrt(1-a_t) x0 (v), or x0."""
+        alpha = self._alpha(timesteps, latents)
+        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+        elif self.prediction_type == "sample":
+            target = latents
+        else:
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        return noisy, target
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    def schedule(self, num_steps: int, latents: Tensor) -> Schedule:
+        """DDIM timesteps (the scheduler's own spacing) with alpha_t and alpha_{t-1} per step."""
+        self.ddim.set_timesteps(num_steps)
+        timesteps = self.ddim.timesteps.clone()
+        prev = timesteps - self.num_train_timesteps // num_steps
+        final = torch.as_tensor(self.ddim.final_alpha_cumprod, dtype=torch.float32)
+        alpha_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], final)
+        return Schedule(timesteps.to(latents.device),
+                        {"alpha": self.alphas_cumprod[timesteps], "alpha_prev": alpha_prev})
+
+    def split_prediction(self, x: Tensor, pred: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """(predicted x0, predicted eps) from a model output, whatever the prediction type."""
+        if self.prediction_type == "epsilon":
+            x0, eps = (x - (1 - alpha).sqrt() * pred) / alpha.sqrt(), pred
+        elif self.prediction_type == "v_prediction":
+            x0, eps = alpha.sqrt() * x - (1 - alpha).sqrt() * pred, alpha.sqrt() * pred + (1 - alpha).sqrt() * x
+        else:
+            x0, eps = pred, (x - alpha.sqrt() * pred) / (1 - alpha).sqrt()
+        if self.ddim.config.clip_sample:
+            limit = self.ddim.config.clip_sample_range
+            x0 = x0.clamp(-limit, limit)
+        return x0, eps
+
+    def step(self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, eta: float = 0.0,
+             noise: Tensor | None = None) -> Tensor:
+        """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z,
+        s = eta sqrt((1 - a_prev)/(1 - a_t) (1 - a_t/a_prev))."""
+        alpha = schedule.coeffs["alpha"][i].to(x.device)
+        alpha_prev = schedule.coeffs["alpha_prev"][i].to(x.device)
+        x0, eps = self.split_prediction(x, pred.to(x.dtype), alpha)
+        std = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)).sqrt()
+        out = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
+        if eta > 0:
+            if noise is None:
+                raise ValueError("DDIM with eta > 0 needs the step noise")
+            out = out + std * noise
+        return out
+
+
+class SDFamily(UNetFamily):
+    """SD 1.x / 2.x (StableDiffusionPipeline)."""
+
+    name: ClassVar[str] = "sd"
+    pipeline_class_name: ClassVar[str] = "StableDiffusionPipeline"
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        embeds, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, False)
+        return {"prompt_embeds": embeds}
+
+    def encode_negative(self, negative_prompt: str | None = None) -> Cond:
+        # The SD pipeline's default negative is the empty prompt, encoded like any prompt.
+        return self.encode_prompts([negative_prompt or ""])
+
+    def denoise(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        dtype = self.dtype
+        return self.model(x.to(dtype), t, encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                          return_dict=False)[0]

@@ -31,14 +31,18 @@ def _root(
     _state["debug"] = debug or os.environ.get("DIFFALIGN_DEBUG", "") == "1"
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'toy', a hub id, a local pipeline folder, or tiny-<family>.")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="'toy', a hub id, a local pipeline folder, or tiny-<family>.")
+]
 
 
 # ------------------------------------------------------------------------------------------------------------- train
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, nested with dots: lora.rank=8")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, nested with dots: lora.rank=8")
+    ] = None,
 ) -> None:
     """Train with a recipe (method: dpo). Runs under `accelerate launch -m diffalign train ...` too."""
     from diffalign.config import TrainConfig, load_config
@@ -77,9 +81,19 @@ def generate(
     resolve_model(model)
     from diffalign.infer.generate import generate_to_folder
 
-    written = generate_to_folder(model, texts, out, lora=lora, num_images=num_images, num_steps=steps,
-                                 guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device,
-                                 dtype=dtype)
+    written = generate_to_folder(
+        model,
+        texts,
+        out,
+        lora=lora,
+        num_images=num_images,
+        num_steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+    )
     typer.echo(f"wrote {written} images to {out}")
 
 

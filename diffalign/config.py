@@ -21,7 +21,7 @@ from diffalign.errors import UserError
 T = TypeVar("T")
 
 
-# --------------------------------------------------------------------------------------------------------------- schemas
+# ---------------------------------------------------------------------------------------------------------- schemas
 @dataclass
 class ModelConfig:
     """Which pipeline to load."""
@@ -144,7 +144,7 @@ class TrainConfig:
     """Stop at the first non-finite loss (0) or tolerate this many skipped steps."""
 
 
-# --------------------------------------------------------------------------------------------------------------- loader
+# ---------------------------------------------------------------------------------------------------------- loader
 class _Raw(str):
     """An override value as typed on the command line; parsed as YAML unless the field is a string."""
 
@@ -202,6 +202,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     else:
         raise TypeError(f"unsupported config type {tp} for {key}")
     raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")

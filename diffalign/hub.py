@@ -34,8 +34,10 @@ def resolve_model(name: str, revision: str | None = None) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
-            raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json): save it with "
-                            "`pipe.save_pretrained(folder)`")
+            raise UserError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json): save it with "
+                "`pipe.save_pretrained(folder)`"
+            )
         return str(path)
     if name.count("/") != 1 or name.startswith((".", "/")):
         raise UserError(f"model {name!r} is neither a local folder nor a hub id of the form owner/name")
@@ -45,8 +47,10 @@ def resolve_model(name: str, revision: str | None = None) -> str:
     if isinstance(cached, str):
         return name
     if offline():
-        raise UserError(f"model {name!r} is not available offline (not in the Hugging Face cache): download it "
-                        "where there is network, or pass a local folder written by save_pretrained")
+        raise UserError(
+            f"model {name!r} is not available offline (not in the Hugging Face cache): download it "
+            "where there is network, or pass a local folder written by save_pretrained"
+        )
     return name
 
 

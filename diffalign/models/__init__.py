@@ -20,8 +20,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 SAMPLING_DEFAULTS_FILE = "diffalign.json"
 """Optional file in a pipeline folder with sampling defaults (num_steps, guidance_scale, eta, resolution)."""
 
-__all__ = ["FAMILIES", "Cond", "Family", "Schedule", "cond_cat", "cond_expand", "cond_select", "cond_to",
-           "family_for_pipeline", "load_family"]
+__all__ = [
+    "FAMILIES",
+    "Cond",
+    "Family",
+    "Schedule",
+    "cond_cat",
+    "cond_expand",
+    "cond_select",
+    "cond_to",
+    "family_for_pipeline",
+    "load_family",
+]
 
 
 def family_for_pipeline(pipe) -> Family:
@@ -34,27 +44,32 @@ def family_for_pipeline(pipe) -> Family:
     raise UserError(f"pipeline class {type(pipe).__name__} is not supported; supported: {supported}")
 
 
-def load_family(name: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
-                revision: str | None = None, seed: int = 0) -> Family:
+def load_family(
+    name: str, *, dtype: str = "float32", device: str | torch.device = "cpu", revision: str | None = None, seed: int = 0
+) -> Family:
     """Load a pipeline by name ('toy', 'tiny-<family>', hub id or local folder) and wrap it in its family."""
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     resolved = resolve_model(name, revision)
     if resolved.startswith(TINY_PREFIX):
-        from diffalign.models.tiny import TINY_BUILDERS
+        from diffalign.models.tiny import TINY_BUILDERS, TINY_SAMPLING
 
-        kind = resolved[len(TINY_PREFIX):]
+        kind = resolved[len(TINY_PREFIX) :]
         if kind not in TINY_BUILDERS:
-            raise UserError(f"unknown tiny model {name!r}; choose one of "
-                            + ", ".join(TINY_PREFIX + k for k in TINY_BUILDERS))
+            raise UserError(
+                f"unknown tiny model {name!r}; choose one of " + ", ".join(TINY_PREFIX + k for k in TINY_BUILDERS)
+            )
         pipe = TINY_BUILDERS[kind](seed=seed)
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(resolved, torch_dtype=DTYPES[dtype], revision=revision,
-                                                 local_files_only=offline())
+        pipe = DiffusionPipeline.from_pretrained(
+            resolved, torch_dtype=DTYPES[dtype], revision=revision, local_files_only=offline()
+        )
     pipe.to(device)
     family = family_for_pipeline(pipe)
+    if resolved.startswith(TINY_PREFIX):
+        family.sampling_defaults.update(TINY_SAMPLING)
     defaults = Path(resolved) / SAMPLING_DEFAULTS_FILE
     if defaults.is_file():
         family.sampling_defaults.update(json.loads(defaults.read_text()))

@@ -8,7 +8,7 @@ transformer. Methods (DPO, InPO, AlignProp, ReNO, RLG) and rewards only use this
     family.sample_train_timesteps(n) -> t               timesteps for the denoising loss (on the model's 0..1000 scale)
     family.noisy_and_target(x0, noise, t)               model input x_t and the regression target (eps, v or velocity)
     family.predict(x_t, t, cond, uncond, cfg_scale)     denoiser prediction, with optional classifier-free guidance
-    family.schedule(num_steps, latents) / .step(...)    sampler (DDIM with eta for UNets, Euler for flow), differentiable
+    family.schedule(num_steps, latents) / .step(...)    differentiable sampler (DDIM+eta for UNets, flow Euler)
     family.sample(cond, ..., checkpoint, detach_before) full differentiable sampling loop
     family.encode_images(images) / .decode(latents)     images in [0, 1] <-> latents (scaling and shift applied)
     family.add_lora / save_lora / load_lora             peft LoRA on the denoiser, saved in the diffusers LoRA format
@@ -50,8 +50,10 @@ def cond_expand(cond: Cond, batch_size: int) -> Cond:
 
 def cond_to(cond: Cond, device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
     """Move (and for floating tensors cast) every tensor of `cond`."""
-    return {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
-            for k, v in cond.items()}
+    return {
+        k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+        for k, v in cond.items()
+    }
 
 
 @dataclass
@@ -94,8 +96,12 @@ class Family:
         self._reference_module: nn.Module | None = None  # frozen copy for full fine-tune
         self.lora: LoraSpec | None = None
         # How this model samples by default; a `diffalign.json` next to model_index.json may override them (the toy).
-        self.sampling_defaults: dict[str, Any] = {"num_steps": self.default_num_steps, "eta": 0.0,
-                                                  "guidance_scale": self.default_guidance_scale, "resolution": None}
+        self.sampling_defaults: dict[str, Any] = {
+            "num_steps": self.default_num_steps,
+            "eta": 0.0,
+            "guidance_scale": self.default_guidance_scale,
+            "resolution": None,
+        }
         pipe.set_progress_bar_config(disable=True)
 
     # ---------------------------------------------------------------------------------------------- components
@@ -207,14 +213,16 @@ class Family:
     def schedule(self, num_steps: int, latents: Tensor) -> Schedule:  # family-specific
         raise NotImplementedError
 
-    def step(self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, eta: float = 0.0,
-             noise: Tensor | None = None) -> Tensor:  # family-specific
+    def step(
+        self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, eta: float = 0.0, noise: Tensor | None = None
+    ) -> Tensor:  # family-specific
         """Sampler step i (x_t -> x_{t-1}); plain tensor math, so gradients flow through it."""
         raise NotImplementedError
 
-    def initial_noise(self, batch_size: int, resolution: int | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
-        """Initial latents x_T ~ N(0, I) (scaled by the scheduler's init sigma) on the CPU generator, moved to device."""
+    def initial_noise(
+        self, batch_size: int, resolution: int | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Initial latents x_T ~ N(0, I) (scaled by the scheduler's init sigma)."""
         noise = torch.randn(self.latent_shape(batch_size, resolution), generator=generator, dtype=torch.float32)
         return noise.to(self.device) * float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0))
 
@@ -262,7 +270,7 @@ class Family:
         return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
 
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
-        """Images [B,3,H,W] in [0,1] -> latents (posterior sample, or its mode with sample=False), scaled and shifted."""
+        """Images [B,3,H,W] in [0,1] -> latents (posterior sample, or its mode if not `sample`), scaled and shifted."""
         scale, shift = self._vae_scale_shift
         dist = self.vae.encode((images * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
@@ -275,8 +283,9 @@ class Family:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # --------------------------------------------------------------------------------------------------- LoRA
-    def add_lora(self, rank: int = 4, alpha: float | None = None, targets: Sequence[str] | None = None,
-                 dropout: float = 0.0) -> list[nn.Parameter]:
+    def add_lora(
+        self, rank: int = 4, alpha: float | None = None, targets: Sequence[str] | None = None, dropout: float = 0.0
+    ) -> list[nn.Parameter]:
         """Freeze the pipeline and add a peft LoRA adapter to the denoiser; returns the (only) trainable parameters.
 
         B is initialised to zero (LoRA starts as the identity), A gaussian, as diffusers' training scripts do.
@@ -284,10 +293,19 @@ class Family:
         from peft import LoraConfig
 
         self.freeze()
-        spec = LoraSpec(rank=rank, alpha=float(alpha if alpha is not None else rank),
-                        targets=list(targets or self.default_lora_targets), dropout=dropout)
-        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=spec.targets, lora_dropout=dropout,
-                            init_lora_weights="gaussian")
+        spec = LoraSpec(
+            rank=rank,
+            alpha=float(alpha if alpha is not None else rank),
+            targets=list(targets or self.default_lora_targets),
+            dropout=dropout,
+        )
+        config = LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            target_modules=spec.targets,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+        )
         self.denoiser.add_adapter(config)
         self.lora = spec
         params = self.trainable_parameters()
@@ -335,8 +353,10 @@ class Family:
         metadata = self.denoiser.peft_config["default"].to_dict()
         type(self.pipe).save_lora_weights(
             folder,
-            **{f"{self.denoiser_attr}_lora_layers": self.lora_state_dict(),
-               f"{self.denoiser_attr}_lora_adapter_metadata": metadata},
+            **{
+                f"{self.denoiser_attr}_lora_layers": self.lora_state_dict(),
+                f"{self.denoiser_attr}_lora_adapter_metadata": metadata,
+            },
             safe_serialization=True,
         )
         return folder

@@ -51,8 +51,9 @@ class FlowFamily(Family):
         self._set_sampling_timesteps(scheduler, num_steps, latents)
         return Schedule(scheduler.timesteps.to(latents.device), {"sigmas": scheduler.sigmas.to(torch.float32)})
 
-    def step(self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, eta: float = 0.0,
-             noise: Tensor | None = None) -> Tensor:
+    def step(
+        self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, eta: float = 0.0, noise: Tensor | None = None
+    ) -> Tensor:
         """Euler step of the probability-flow ODE: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v. Deterministic: eta > 0 is
         an error (it belongs to DDIM), never silently ignored."""
         if eta > 0:

@@ -1,7 +1,8 @@
 """FLUX.1 (dev / schnell): FluxTransformer2DModel on packed 2x2 latent patches, CLIP pooled + T5, rectified flow.
 
 FLUX.1-dev is guidance-distilled: the guidance strength is an input of the transformer (`embedded_guidance`, default
-3.5), and classifier-free guidance with a negative prompt ("true CFG") is optional. FLUX.1-schnell has no guidance input.
+3.5), and classifier-free guidance with a negative prompt ("true CFG") is optional. FLUX.1-schnell has no
+guidance input.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class FluxFamily(FlowFamily):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
-                                                    max_sequence_length=self.max_sequence_length)
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def encode_negative(self, negative_prompt: str | None = None) -> Cond:
@@ -52,8 +54,13 @@ class FluxFamily(FlowFamily):
 
         cfg = scheduler.config
         seq_len = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
-        mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        mu = calculate_shift(
+            seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
         sigmas = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
         scheduler.set_timesteps(num_steps if sigmas is None else None, sigmas=sigmas, mu=mu)
 
@@ -66,8 +73,14 @@ class FluxFamily(FlowFamily):
         guidance = None
         if self.denoiser.config.guidance_embeds:
             guidance = torch.full((b,), self.embedded_guidance, device=x.device, dtype=torch.float32)
-        out = self.model(hidden_states=packed, timestep=t.to(dtype) / 1000, guidance=guidance,
-                         pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
-                         encoder_hidden_states=cond["prompt_embeds"].to(dtype), txt_ids=txt_ids, img_ids=img_ids,
-                         return_dict=False)[0]
+        out = self.model(
+            hidden_states=packed,
+            timestep=t.to(dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
         return pipe._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor)

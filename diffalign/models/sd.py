@@ -62,8 +62,9 @@ class UNetFamily(Family):
         prev = timesteps - self.num_train_timesteps // num_steps
         final = torch.as_tensor(self.ddim.final_alpha_cumprod, dtype=torch.float32)
         alpha_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], final)
-        return Schedule(timesteps.to(latents.device),
-                        {"alpha": self.alphas_cumprod[timesteps], "alpha_prev": alpha_prev})
+        return Schedule(
+            timesteps.to(latents.device), {"alpha": self.alphas_cumprod[timesteps], "alpha_prev": alpha_prev}
+        )
 
     def split_prediction(self, x: Tensor, pred: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
         """(predicted x0, predicted eps) from a model output, whatever the prediction type."""
@@ -78,8 +79,9 @@ class UNetFamily(Family):
             x0 = x0.clamp(-limit, limit)
         return x0, eps
 
-    def step(self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, eta: float = 0.0,
-             noise: Tensor | None = None) -> Tensor:
+    def step(
+        self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, eta: float = 0.0, noise: Tensor | None = None
+    ) -> Tensor:
         """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z,
         s = eta sqrt((1 - a_prev)/(1 - a_t) (1 - a_t/a_prev))."""
         alpha = schedule.coeffs["alpha"][i].to(x.device)
@@ -111,5 +113,4 @@ class SDFamily(UNetFamily):
 
     def denoise(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype = self.dtype
-        return self.model(x.to(dtype), t, encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-                          return_dict=False)[0]
+        return self.model(x.to(dtype), t, encoder_hidden_states=cond["prompt_embeds"].to(dtype), return_dict=False)[0]

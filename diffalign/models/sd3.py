@@ -29,8 +29,12 @@ class SD3Family(FlowFamily):
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
@@ -46,12 +50,21 @@ class SD3Family(FlowFamily):
             patch = self.denoiser.config.patch_size
             seq_len = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
             cfg = scheduler.config
-            kwargs["mu"] = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256),
-                                           cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                                           cfg.get("max_shift", 1.16))
+            kwargs["mu"] = calculate_shift(
+                seq_len,
+                cfg.get("base_image_seq_len", 256),
+                cfg.get("max_image_seq_len", 4096),
+                cfg.get("base_shift", 0.5),
+                cfg.get("max_shift", 1.16),
+            )
         scheduler.set_timesteps(num_steps, **kwargs)
 
     def denoise(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype = self.dtype
-        return self.model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-                          pooled_projections=cond["pooled_prompt_embeds"].to(dtype), return_dict=False)[0]
+        return self.model(
+            hidden_states=x.to(dtype),
+            timestep=t,
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+            return_dict=False,
+        )[0]

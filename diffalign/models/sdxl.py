@@ -23,8 +23,9 @@ class SDXLFamily(UNetFamily):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(list(prompts), device=self.device, num_images_per_prompt=1,
-                                                       do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def encode_negative(self, negative_prompt: str | None = None) -> Cond:
@@ -44,5 +45,10 @@ class SDXLFamily(UNetFamily):
         if time_ids is None:
             time_ids = self.default_time_ids(x)
         added = {"text_embeds": cond["pooled_prompt_embeds"].to(dtype), "time_ids": time_ids.to(dtype)}
-        return self.model(x.to(dtype), t, encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-                          added_cond_kwargs=added, return_dict=False)[0]
+        return self.model(
+            x.to(dtype),
+            t,
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]

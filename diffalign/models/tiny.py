@@ -47,10 +47,17 @@ def clip_text_model(tokenizer, hidden: int = 32, layers: int = 2, projection: in
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        projection_dim=projection or hidden, hidden_act="gelu",
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection or hidden,
+        hidden_act="gelu",
     )
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
@@ -58,22 +65,44 @@ def clip_text_model(tokenizer, hidden: int = 32, layers: int = 2, projection: in
 def t5_encoder(tokenizer, d_model: int = 64, layers: int = 2):
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=d_model * 2, num_layers=layers,
-                      num_heads=4, relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=d_model * 2,
+        num_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
     return T5EncoderModel(config)
 
 
-def vae(latent_channels: int = 4, block_out_channels=(32, 64), scaling_factor: float = 0.18215,
-        shift_factor: float | None = None, quant_conv: bool = True):
+def vae(
+    latent_channels: int = 4,
+    block_out_channels=(32, 64),
+    scaling_factor: float = 0.18215,
+    shift_factor: float | None = None,
+    quant_conv: bool = True,
+):
     from diffusers import AutoencoderKL
 
     n = len(block_out_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
-        up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=list(block_out_channels), layers_per_block=1,
-        latent_channels=latent_channels, sample_size=TINY_RESOLUTION, norm_num_groups=min(32, block_out_channels[0]),
-        scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=quant_conv,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(block_out_channels),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        sample_size=TINY_RESOLUTION,
+        norm_num_groups=min(32, block_out_channels[0]),
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=quant_conv,
         use_post_quant_conv=quant_conv,
     )
 
@@ -81,8 +110,15 @@ def vae(latent_channels: int = 4, block_out_channels=(32, 64), scaling_factor: f
 def ddim_scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
 
 
 def build_tiny_sd(seed: int = 0, prediction_type: str = "epsilon"):
@@ -92,14 +128,25 @@ def build_tiny_sd(seed: int = 0, prediction_type: str = "epsilon"):
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
     unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
         norm_num_groups=32,
     )
     return StableDiffusionPipeline(
-        vae=vae(), text_encoder=clip_text_model(tokenizer), tokenizer=tokenizer, unet=unet,
-        scheduler=ddim_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
+        vae=vae(),
+        text_encoder=clip_text_model(tokenizer),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=ddim_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -116,15 +163,29 @@ def build_tiny_sdxl(seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
     unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=(2, 4),
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=32,
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=32,
     )
     return StableDiffusionXLPipeline(
-        vae=vae(scaling_factor=0.13025), text_encoder=clip_text_model(tokenizer), tokenizer=tokenizer,
-        text_encoder_2=clip_text_model(tokenizer, projection=32), tokenizer_2=tokenizer, unet=unet,
+        vae=vae(scaling_factor=0.13025),
+        text_encoder=clip_text_model(tokenizer),
+        tokenizer=tokenizer,
+        text_encoder_2=clip_text_model(tokenizer, projection=32),
+        tokenizer_2=tokenizer,
+        unet=unet,
         scheduler=ddim_scheduler(),
     )
 
@@ -142,16 +203,28 @@ def build_tiny_sd3(seed: int = 0):
     torch.manual_seed(seed)
     tokenizer, tokenizer_t5 = clip_tokenizer(), t5_tokenizer()
     transformer = SD3Transformer2DModel(
-        sample_size=TINY_RESOLUTION // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
-        pooled_projection_dim=64, pos_embed_max_size=32,
+        sample_size=TINY_RESOLUTION // 2,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=32,
     )
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=flow_scheduler(),
+        transformer=transformer,
+        scheduler=flow_scheduler(),
         vae=vae(scaling_factor=1.5305, shift_factor=0.0609, quant_conv=False),
-        text_encoder=clip_text_model(tokenizer, projection=32), tokenizer=tokenizer,
-        text_encoder_2=clip_text_model(tokenizer, projection=32), tokenizer_2=tokenizer,
-        text_encoder_3=t5_encoder(tokenizer_t5), tokenizer_3=tokenizer_t5,
+        text_encoder=clip_text_model(tokenizer, projection=32),
+        tokenizer=tokenizer,
+        text_encoder_2=clip_text_model(tokenizer, projection=32),
+        tokenizer_2=tokenizer,
+        text_encoder_3=t5_encoder(tokenizer_t5),
+        tokenizer_3=tokenizer_t5,
     )
 
 
@@ -163,22 +236,47 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True):
     torch.manual_seed(seed)
     tokenizer, tokenizer_t5 = clip_tokenizer(), t5_tokenizer()
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 4, 8),
     )
-    scheduler = flow_scheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                               max_image_seq_len=4096)
+    scheduler = flow_scheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
     return FluxPipeline(
-        transformer=transformer, scheduler=scheduler,
+        transformer=transformer,
+        scheduler=scheduler,
         vae=vae(scaling_factor=0.3611, shift_factor=0.1159, quant_conv=False),
-        text_encoder=clip_text_model(tokenizer), tokenizer=tokenizer,
-        text_encoder_2=t5_encoder(tokenizer_t5), tokenizer_2=tokenizer_t5,
+        text_encoder=clip_text_model(tokenizer),
+        tokenizer=tokenizer,
+        text_encoder_2=t5_encoder(tokenizer_t5),
+        tokenizer_2=tokenizer_t5,
     )
 
 
 def build_tiny_flux_schnell(seed: int = 0):
     return build_tiny_flux(seed, guidance_embeds=False)
+
+
+def _eval(builder: Callable[..., object]) -> Callable[..., object]:
+    """Wrap a builder so every component is in eval mode, as `from_pretrained` leaves it (T5 has dropout)."""
+
+    def build(seed: int = 0):
+        pipe = builder(seed)
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()
+        return pipe
+
+    build.__doc__ = builder.__doc__
+    return build
 
 
 TINY_BUILDERS: dict[str, Callable[..., object]] = {
@@ -189,3 +287,4 @@ TINY_BUILDERS: dict[str, Callable[..., object]] = {
     "flux": build_tiny_flux,
     "flux-schnell": build_tiny_flux_schnell,
 }
+TINY_BUILDERS = {name: _eval(builder) for name, builder in TINY_BUILDERS.items()}

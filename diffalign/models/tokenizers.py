@@ -1,7 +1,8 @@
 """Locally written tokenizers for tiny pipelines: no hub download needed.
 
 `write_clip_tokenizer` writes a CLIP byte-level BPE (vocab.json + merges.txt) where each given word is ONE token and any
-other text falls back to single characters. `write_t5_tokenizer` writes a T5 (Unigram, sentencepiece-style) tokenizer.json.
+other text falls back to single characters. `write_t5_tokenizer` writes a T5 (Unigram, sentencepiece-style)
+tokenizer.json.
 Both folders load with the stock `from_pretrained` of the tokenizer class, exactly as a real checkpoint does.
 """
 

@@ -1,0 +1,37 @@
+"""Prompt lists: a .txt file (one prompt per line), .jsonl ({"prompt": ...} per line) or .csv (a `prompt` column)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from diffalign.errors import UserError
+
+
+def read_prompts(path: str | Path, column: str = "prompt") -> list[str]:
+    """Read prompts from `path`; blank lines of a .txt file are skipped. Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompt file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                prompts.append(str(json.loads(line)[column]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{n}: expected a JSON object with a {column!r} field") from None
+    elif suffix == ".csv":
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if column not in (reader.fieldnames or []):
+                raise UserError(f"{path}: no {column!r} column (columns: {', '.join(reader.fieldnames or [])})")
+            prompts = [row[column] for row in reader]
+    else:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{path} holds no prompts")
+    return prompts

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny pipelines of every family, built once per session and deep-copied per test."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The four families (and SD with v-prediction, FLUX schnell-like without guidance embedding).
+FAMILY_KINDS = ["sd", "sd-v", "sdxl", "sd3", "flux", "flux-schnell"]
+_BUILT: dict[str, object] = {}
+
+
+def build_pipeline(kind: str, seed: int = 0):
+    """A fresh copy of the tiny `kind` pipeline (built once per session per kind and seed)."""
+    from diffalign.models.tiny import TINY_BUILDERS
+
+    key = f"{kind}:{seed}"
+    if key not in _BUILT:
+        _BUILT[key] = TINY_BUILDERS[kind](seed=seed)
+    return copy.deepcopy(_BUILT[key])
+
+
+def build_family(kind: str, seed: int = 0):
+    """A fresh tiny family with the tiny sampling defaults (32x32, 4 steps)."""
+    from diffalign.models import family_for_pipeline
+    from diffalign.models.tiny import TINY_SAMPLING
+
+    family = family_for_pipeline(build_pipeline(kind, seed))
+    family.sampling_defaults.update(TINY_SAMPLING)
+    return family
+
+
+@pytest.fixture(params=FAMILY_KINDS)
+def family(request):
+    return build_family(request.param)

@@ -1,0 +1,41 @@
+"""Launching 2-process CPU runs for tests (see shared/ENV.md: `--cpu` alone silently runs ONE process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+
+
+def launch_two_ranks(args: list[str], timeout: float = 300, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` on 2 CPU ranks (gloo); `args` is a script path or `-m module ...` with its arguments."""
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(29500 + os.getpid() % 1000),
+    }
+    return subprocess.run(
+        [*LAUNCH, "--main_process_port", env["MASTER_PORT"], *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,105 @@
+"""Strict typed configs: YAML + key=value overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from diffalign.config import TrainConfig, load_config, parse_overrides, save_config
+from diffalign.errors import UserError
+
+
+@dataclass
+class Inner:
+    rank: int = 4
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WithRequired:
+    source: str
+    inner: Inner = field(default_factory=Inner)
+    scale: float | None = None
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_yaml_and_overrides_combine(tmp_path):
+    path = write(tmp_path, "model:\n  name: toy\nlora:\n  rank: 8\noptim:\n  lr: 1.0e-4\n")
+    cfg = load_config(
+        TrainConfig,
+        path,
+        [
+            "lora.alpha=16",
+            "optim.lr=3e-5",
+            "model.name=123",
+            "lora.targets=[to_q,to_v]",
+            "validation.prompts=a red circle",
+            "model.resolution=null",
+        ],
+    )
+    assert cfg.lora.rank == 8 and cfg.lora.alpha == 16.0 and isinstance(cfg.lora.alpha, float)
+    assert cfg.optim.lr == 3e-5
+    assert cfg.model.name == "123"  # string fields take the text as written
+    assert cfg.lora.targets == ["to_q", "to_v"]
+    assert cfg.validation.prompts == ["a red circle"]
+    assert cfg.model.resolution is None
+    assert cfg.dpo.beta == 5000.0 and cfg.dpo.loss == "sigmoid"  # untouched defaults
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = load_config(TrainConfig, None, ["lora.rank=2", "data.source=pairs.parquet", "validation.prompts=[a, b]"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(TrainConfig, tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["lora.rnak=8"], r"unknown config key 'lora.rnak'; valid keys here: enabled, rank, alpha"),
+        (["nope=1"], r"unknown config key 'nope'; valid keys here: method, model"),
+        (["lora.rank=abc"], r"config key 'lora.rank' must be int, got 'abc'"),
+        (["lora.rank=2.5"], r"config key 'lora.rank' must be int"),
+        (["lora.enabled=3"], r"config key 'lora.enabled' must be bool"),
+        (["dpo.loss=kto"], r"config key 'dpo.loss' must be one of 'sigmoid' \| 'hinge' \| 'ipo'"),
+        (["lora=3"], r"config key 'lora' is a section"),
+        (["rank"], r"not of the form key=value"),
+        (["a..b=1"], r"not of the form key=value"),
+    ],
+)
+def test_bad_overrides_are_one_line_user_errors(overrides, message):
+    with pytest.raises(UserError, match=message) as info:
+        load_config(TrainConfig, None, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_values_name_the_key(tmp_path):
+    with pytest.raises(UserError, match=r"'lora.rank' must be int, got 'eight'"):
+        load_config(TrainConfig, write(tmp_path, "lora:\n  rank: eight\n"))
+    with pytest.raises(UserError, match=r"unknown config key 'model.nme'; valid keys here: name, revision"):
+        load_config(TrainConfig, write(tmp_path, "model:\n  nme: x\n"))
+    with pytest.raises(UserError, match=r"'optim.lr' must be float, got True"):
+        load_config(TrainConfig, write(tmp_path, "optim:\n  lr: true\n"))
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(TrainConfig, write(tmp_path, "lora: [\n"))
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_config(TrainConfig, write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(TrainConfig, tmp_path / "missing.yaml")
+
+
+def test_missing_required_value_is_named():
+    with pytest.raises(UserError, match="missing required config key 'source'"):
+        load_config(WithRequired, None, ["inner.rank=2"])
+    cfg = load_config(WithRequired, None, ["source=x", "inner.names=[a, b]", "scale=2"])
+    assert cfg == WithRequired(source="x", inner=Inner(names=["a", "b"]), scale=2.0)
+
+
+def test_parse_overrides_nests_on_dots():
+    tree = parse_overrides(["a.b.c=1", "a.d=x", "e=[1, 2]"])
+    assert tree == {"a": {"b": {"c": "1"}, "d": "x"}, "e": "[1, 2]"}

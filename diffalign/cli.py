@@ -105,16 +105,55 @@ def reno() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------- score
-@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def score(ctx: typer.Context) -> None:
-    """Score images with a reward (not implemented yet)."""
-    raise NotImplementedYet("`diffalign score` is not implemented yet (issue: reward models)")
+@app.command()
+def score(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or globs.")],
+    reward: Annotated[
+        str, typer.Option("--reward", "-r", help="Reward spec: hpsv2, 'hpsv2=5,pickscore=0.05', clip:model=<id>.")
+    ],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="One prompt for every image.")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="CSV (header) or JSONL mapping image file -> prompt (columns file, prompt).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per reward call.")] = 32,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .csv or .jsonl (default: stdout).")] = None,
+    strict: Annotated[bool, typer.Option(help="Unreadable image: error (default: skip it with a warning).")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: this process's GPU or CPU).")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Image-decoding workers (default: CPU cores - 1).")] = None,
+) -> None:
+    """Score images with a reward: one row per image (path, prompt, each component, total) and a summary.
+
+    Prompts: --prompt for all, or --prompts FILE, or a sidecar <image>.txt. Under `accelerate launch -m diffalign score`
+    the images are split across processes and the main process writes one merged output in input order."""
+    from diffalign.score import run_score
+
+    run_score(
+        paths,
+        reward,
+        prompt=prompt,
+        prompts_file=prompts,
+        batch_size=batch_size,
+        out=out,
+        strict=strict,
+        device=device,
+        workers=workers,
+    )
 
 
 @app.command()
 def rewards() -> None:
-    """List the registered rewards (not implemented yet)."""
-    raise NotImplementedYet("`diffalign rewards` is not implemented yet (issue: reward models)")
+    """List the registered rewards: name, description, differentiable or not, and where the weights come from."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from diffalign.rewards import describe_rewards
+
+    table = Table()
+    for column in ("name", "description", "differentiable", "weights"):
+        table.add_column(column, overflow="fold")
+    for row in describe_rewards():
+        table.add_row(row["name"], row["description"], row["differentiable"], row["weights"])
+    Console(width=max(160, Console().width)).print(table)
 
 
 # ------------------------------------------------------------------------------------------------------------- pairs

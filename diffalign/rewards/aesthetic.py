@@ -1,0 +1,55 @@
+"""LAION improved aesthetic predictor (christophschuhmann/improved-aesthetic-predictor).
+
+A linear MLP head (`sac+logos+ava1-l14-linearMSE.pth`) on the L2-normalised image embedding of CLIP ViT-L/14
+(`openai/clip-vit-large-patch14`: projection output, 768 wide); 224 px, bicubic, center crop, CLIP mean/std.
+Scores are on the 1-10 rating scale. Prompts are ignored.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from diffalign.errors import UserError
+from diffalign.rewards.base import Reward
+from diffalign.rewards.encoders import preprocess_from_processor_config
+from diffalign.rewards.heads import head_from_state_dict
+from diffalign.rewards.weights import load_checkpoint, optional_file, read_json, resolve_file, resolve_pretrained
+
+AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
+AESTHETIC_HEAD_REPO = "camenduru/improved-aesthetic-predictor"
+AESTHETIC_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+
+
+class AestheticReward(Reward):
+    """LAION aesthetic score (1-10) of the images; prompts are ignored."""
+
+    name = "aesthetic"
+    description = "LAION improved aesthetic predictor: MLP on normalised CLIP ViT-L/14 image embeddings (1-10)"
+    differentiable = True
+    needs_prompts = False
+    weights_source = f"hub {AESTHETIC_CLIP} + {AESTHETIC_HEAD_REPO}/{AESTHETIC_HEAD_FILE} (clip=, head=)"
+
+    def __init__(self, clip: str = AESTHETIC_CLIP, head: str = AESTHETIC_HEAD_REPO) -> None:
+        super().__init__()
+        from transformers import CLIPVisionModelWithProjection
+
+        head_path = resolve_file(head, AESTHETIC_HEAD_FILE, self.name, "head")
+        self.head = head_from_state_dict(load_checkpoint(head_path, self.name), "", self.name)
+        clip_path = resolve_pretrained(clip, self.name, "clip")
+        self.vision = CLIPVisionModelWithProjection.from_pretrained(clip_path)
+        if self.vision.config.projection_dim != self.head.input_width:
+            raise UserError(
+                f"aesthetic: the head takes {self.head.input_width}-wide embeddings but {clip} projects to "
+                f"{self.vision.config.projection_dim}: use CLIP ViT-L/14"
+            )
+        config_file = optional_file(clip_path, "preprocessor_config.json")
+        config = read_json(config_file) if config_file else {}
+        self.preprocess = preprocess_from_processor_config(config, self.vision.config.image_size)
+        self.freeze()
+
+    def forward(self, images: Tensor, prompts: list[str] | None = None) -> Tensor:
+        """Aesthetic scores [B] of images [B, 3, H, W] in [0, 1]."""
+        pixels = self.preprocess(self.prepare(images))
+        embeds = self.vision(pixel_values=pixels).image_embeds
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        return self.head(embeds).float()

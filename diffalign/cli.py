@@ -51,7 +51,10 @@ def train(
     from diffalign.hub import resolve_model
 
     resolve_model(cfg.model.name, cfg.model.revision)
-    raise NotImplementedYet(f"training method {cfg.method!r} is not implemented yet (issue: Diffusion-DPO recipe)")
+    from diffalign.train import recipe
+
+    final = recipe(cfg.method)(cfg)
+    typer.echo(f"saved {final}")
 
 
 # ---------------------------------------------------------------------------------------------------------- generate
@@ -157,10 +160,47 @@ def rewards() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------- pairs
-@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def pairs(ctx: typer.Context) -> None:
-    """Generate AI-feedback preference pairs (not implemented yet)."""
-    raise NotImplementedYet("`diffalign pairs` is not implemented yet (issue: Diffusion-DPO recipe)")
+@app.command()
+def pairs(
+    prompts: Annotated[Path, typer.Option(help="Prompt file: .txt (one per line), .jsonl or .csv.")],
+    reward: Annotated[str, typer.Option(help="Reward spec, e.g. 'hpsv2' or 'hpsv2=5,pickscore=0.05'.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet (Pick-a-Pic v2 schema + scores).")],
+    model: ModelOpt = "toy",
+    images_per_prompt: Annotated[int, typer.Option(min=2, help="Images generated per prompt.")] = 4,
+    all_pairs: Annotated[
+        bool, typer.Option(help="Every ranked pair (RankDPO-style) instead of best vs worst.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Image j of prompt i uses seed + i*N + j.")] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (default: the model's).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    dtype: Annotated[str, typer.Option()] = "float32",
+) -> None:
+    """Make AI-feedback preference pairs: generate, score with a reward, keep best vs worst. Resumable; split across
+    processes under `accelerate launch -m diffalign pairs ...`."""
+    from diffalign.data.prompts import read_prompts
+
+    texts = read_prompts(prompts)
+    from diffalign.hub import resolve_model
+
+    resolve_model(model)
+    from diffalign.data.make_pairs import make_pairs
+
+    summary = make_pairs(
+        model,
+        texts,
+        reward,
+        out,
+        images_per_prompt=images_per_prompt,
+        all_pairs=all_pairs,
+        seed=seed,
+        num_steps=steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
+    if "pairs" in summary:
+        typer.echo(f"wrote {summary['pairs']} pairs for {summary['prompts']} prompts to {out}")
 
 
 # -------------------------------------------------------------------------------------------------------------- demo

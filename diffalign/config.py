@@ -140,8 +140,6 @@ class TrainConfig:
     """'auto' (newest complete checkpoint in output_dir, if any), 'none', or a checkpoint folder."""
     log_every: int = 10
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
-    max_bad_steps: int = 0
-    """Stop at the first non-finite loss (0) or tolerate this many skipped steps."""
 
 
 # ---------------------------------------------------------------------------------------------------------- loader

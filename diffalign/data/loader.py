@@ -1,0 +1,99 @@
+"""Batches of preference pairs for training: local or hub, streaming or not, cached latents or not, one shard of the
+data per process, resumable from a data position."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffalign.config import DataConfig
+from diffalign.data.cache import CachedPairDataset, build_cache, cache_is_valid, cache_key, cached_cond
+from diffalign.data.pairs import EpochSampler, PairDataset, PairStream, collate_pairs, open_pairs, usable_rows
+from diffalign.models import Cond, Family, cond_cat
+
+
+class PairBatches:
+    """An endless iterator of collated pair batches for this process, starting at data `position` (items this
+    process consumed before; for streams, rows)."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        family: Family,
+        *,
+        model_name: str,
+        model_path: str,
+        resolution: int,
+        batch_size: int,
+        seed: int,
+        position: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        accelerator=None,
+    ):
+        self.cfg, self.batch_size = cfg, batch_size
+        table = open_pairs(cfg)
+        self.streaming = cfg.streaming
+        if cfg.streaming:
+            if cfg.cache_dir:
+                from diffalign.errors import UserError
+
+                raise UserError("data.cache_dir cannot be combined with data.streaming: true")
+            dataset: Any = PairStream(table, cfg, resolution, seed, rank, world, skip=position)
+            sampler = None
+        else:
+            rows = usable_rows(table, cfg)
+            if cfg.cache_dir:
+                cache = Path(cfg.cache_dir)
+                key = cache_key(cfg, model_name, model_path, resolution)
+                main = accelerator is None or accelerator.is_main_process
+                if main and not cache_is_valid(cache, key):
+                    build_cache(family, table, rows, cfg, resolution, cache, key)
+                if accelerator is not None:
+                    accelerator.wait_for_everyone()
+                dataset = CachedPairDataset(cache, cfg, seed)
+            else:
+                dataset = PairDataset(table, rows, cfg, resolution, seed)
+            sampler = EpochSampler(len(dataset), seed, rank, world, start=position)
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate_pairs,
+            num_workers=cfg.num_workers,
+            generator=torch.Generator(),  # never draw from the global RNG: resumed runs must match bit for bit
+            persistent_workers=cfg.num_workers > 0,
+        )
+        self._iter: Iterator | None = None
+
+    def __iter__(self) -> PairBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        return next(self._iter)
+
+    def advance(self, batch: dict[str, Any]) -> int:
+        """How far `batch` moved this process's data position."""
+        size = len(batch["row"])
+        return size + batch["skipped"] if self.streaming else size
+
+
+def pair_model_inputs(family: Family, batch: dict[str, Any]) -> tuple[torch.Tensor, Cond, torch.Tensor]:
+    """(latents [2B] = winners then losers, conditioning [2B], preference [B]) on the family's device, from a cached
+    batch (latents and embeddings read from disk) or a raw one (VAE and text encoders run here, without grad)."""
+    device = family.device
+    if "latents_w" in batch:
+        latents = torch.cat([batch["latents_w"], batch["latents_l"]]).to(device)
+        cond = {k: v.to(device) for k, v in cached_cond(batch).items()}
+    else:
+        with torch.no_grad():
+            latents = family.encode_images(torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(device), sample=False)
+            cond = family.encode_prompts(batch["caption"])
+    both = cond_cat([cond, cond])
+    both["time_ids"] = torch.cat([batch["time_ids_w"], batch["time_ids_l"]]).to(device)
+    return latents, both, batch["preference"].to(device).float()

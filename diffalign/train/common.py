@@ -1,0 +1,400 @@
+"""Blocks every training recipe shares: accelerator set-up, trainable weights, optimizer and schedule, checkpoints
+(atomic, resumable bit for bit), logging, validation grids, the final save. Functions, not a base class: a recipe
+calls them top to bottom.
+
+Checkpoint folder `output_dir/checkpoints/checkpoint-<step>/`: accelerate's state (trainable weights only, optimizer,
+per-process RNG), `train_state-<rank>.pt` (step, data position, the rank's noise generator, lr schedule), and
+`diffalign_checkpoint.json` written last. It is written under a temporary name and renamed when complete, so a
+folder without the marker (a crash, a copy in progress) is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffalign.config import LoraConfig, OptimConfig, TrainConfig, save_config, to_dict
+from diffalign.errors import UserError
+from diffalign.models import Family
+
+log = logging.getLogger(__name__)
+CHECKPOINT_MARKER = "diffalign_checkpoint.json"
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------------- accelerator
+def make_accelerator(cfg: TrainConfig):
+    """An Accelerator for `cfg` (mixed precision, gradient accumulation, tracker), with the seed set per process."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    output = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+    )
+    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("mixed_precision: fp16 needs a GPU; use 'no' (or 'bf16') on CPU")
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def add_trainable(family: Family, lora: LoraConfig, seed: int) -> list[torch.nn.Parameter]:
+    """LoRA adapter (default) or full fine-tune of the denoiser; VAE and text encoders frozen either way."""
+    torch.manual_seed(seed)  # the LoRA A init is the same on every process
+    if lora.enabled:
+        return family.add_lora(rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dropout=lora.dropout)
+    return family.enable_full_finetune()
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW (default), Adafactor (SF-DPO's full fine-tune choice) or SGD."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """diffusers' schedules, stepped once per optimizer step on every process (not prepared by accelerate, which
+    would step it once per process)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.max_steps
+    )
+
+
+def effective_lr(cfg: TrainConfig, num_processes: int) -> float:
+    """cfg.optim.lr, times batch x accumulation x processes when optim.scale_lr is on."""
+    scale = cfg.batch_size * cfg.gradient_accumulation_steps * num_processes if cfg.optim.scale_lr else 1
+    return cfg.optim.lr * scale
+
+
+# ----------------------------------------------------------------------------------------------------- train state
+@dataclass
+class TrainState:
+    """What a resumed run needs beyond accelerate's state: position in training and in the data, noise RNG."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    micro_batches: int = 0
+    """Micro-batches this process consumed (its data position is micro_batches x batch_size)."""
+    skipped_pairs: int = 0
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    schedule: Any = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "micro_batches": self.micro_batches,
+            "skipped_pairs": self.skipped_pairs,
+            "generator": self.generator.get_state(),
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.micro_batches = state["step"], state["micro_batches"]
+        self.skipped_pairs = state["skipped_pairs"]
+        self.generator.set_state(state["generator"])
+        if self.schedule is not None and state["schedule"] is not None:
+            self.schedule.load_state_dict(state["schedule"])
+
+
+def noise_generator(seed: int, rank: int) -> torch.Generator:
+    """The CPU generator of a process's training noise and timesteps (different data on every rank)."""
+    return torch.Generator().manual_seed(seed * 1000 + rank)
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    found = []
+    root = checkpoints_dir(output_dir)
+    for folder in root.glob("checkpoint-*") if root.is_dir() else []:
+        marker = folder / CHECKPOINT_MARKER
+        if folder.is_dir() and marker.is_file():
+            try:
+                found.append((int(json.loads(marker.read_text())["step"]), folder))
+            except (ValueError, KeyError, json.JSONDecodeError):
+                continue
+    return sorted(found)
+
+
+def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: 'auto' = newest complete one (or none), 'none', or an explicit folder."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / CHECKPOINT_MARKER).is_file():
+        raise UserError(f"resume: {path} is not a complete diffalign checkpoint (no {CHECKPOINT_MARKER})")
+    return path
+
+
+def register_trainable_hooks(accelerator, family: Family) -> None:
+    """Make accelerate's save/load_state store only the trainable weights (LoRA: a few MB, not the whole UNet)."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            trainable = {
+                n: p.detach().cpu().contiguous() for n, p in family.denoiser.named_parameters() if p.requires_grad
+            }
+            save_file(trainable, os.path.join(output_dir, TRAINABLE_FILE))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        state = load_file(os.path.join(input_dir, TRAINABLE_FILE))
+        params = dict(family.denoiser.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        if missing:
+            raise UserError(f"checkpoint {input_dir} does not match the model (missing {missing[0]} ...)")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, keep: int) -> Path:
+    """Write checkpoint-<step> atomically (temp folder, marker last, rename) and keep the newest `keep`."""
+    root = checkpoints_dir(output_dir)
+    final = root / f"checkpoint-{state.step}"
+    tmp = root / f".tmp-checkpoint-{state.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    torch.save(state.state_dict(), tmp / f"train_state-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / CHECKPOINT_MARKER).write_text(
+            json.dumps({"step": state.step, "time": time.time(), "processes": accelerator.num_processes})
+        )
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, folder: Path, state: TrainState) -> None:
+    """Restore accelerate's state (trainable weights, optimizer, RNG) and this process's TrainState."""
+    marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
+    if marker.get("processes", 1) != accelerator.num_processes:
+        raise UserError(
+            f"checkpoint {folder} was written by {marker['processes']} processes; resume it with the "
+            f"same number (now {accelerator.num_processes})"
+        )
+    accelerator.load_state(str(folder))
+    state.load_state_dict(torch.load(folder / f"train_state-{accelerator.process_index}.pt", weights_only=False))
+
+
+# ---------------------------------------------------------------------------------------------------------- logging
+class RunLog:
+    """Metrics to the accelerate trackers and to `metrics.jsonl` (main process), one record per log call."""
+
+    def __init__(self, accelerator, cfg: TrainConfig):
+        self.accelerator = accelerator
+        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        if accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if cfg.report_to != "none":
+            accelerator.init_trackers("diffalign", config=_flat(to_dict(cfg)))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        values = {k: float(v) for k, v in values.items()}
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def log_images(self, name: str, grid: Tensor, step: int) -> None:
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(name, grid, step)
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({name: wandb.Image(grid.permute(1, 2, 0).numpy())}, step=step)
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def reduce_mean(accelerator, values: dict[str, Tensor]) -> dict[str, float]:
+    """Mean of each metric over processes (a collective: every process must call it)."""
+    if not values:
+        return {}
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()]).to(accelerator.device)
+    mean = accelerator.reduce(stacked, reduction="mean")
+    return dict(zip(values, mean.tolist(), strict=True))
+
+
+def check_finite(value: float, step: int, output_dir: str | Path) -> None:
+    """Stop with a clear error on a NaN/inf loss; the last good checkpoint stays as it is."""
+    if math.isfinite(value):
+        return
+    found = complete_checkpoints(output_dir)
+    keep = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written yet"
+    raise TrainingDiverged(
+        f"the loss became {value} at step {step + 1}; training stopped ({keep}). "
+        "Lower optim.lr or the method's beta, or enable gradient clipping"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- validation
+def image_grid(images: Tensor, columns: int | None = None) -> Tensor:
+    """[N,3,H,W] -> one [3, rows*H, columns*W] grid image."""
+    n = images.shape[0]
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    pad = torch.zeros(rows * columns - n, *images.shape[1:], dtype=images.dtype)
+    full = torch.cat([images, pad]).reshape(rows, columns, *images.shape[1:])
+    return full.permute(2, 0, 3, 1, 4).reshape(images.shape[1], rows * images.shape[2], columns * images.shape[3])
+
+
+class Validator:
+    """Samples fixed prompts with fixed seeds every `validation.every` steps, scores them with the validation
+    reward (and, on the toy world, the gold checker), logs the numbers and a grid (main process only)."""
+
+    def __init__(self, cfg: TrainConfig, family: Family, is_toy: bool):
+        self.cfg, self.family = cfg.validation, family
+        self.output = Path(cfg.output_dir) / "validation"
+        self.prompts = list(self.cfg.prompts)
+        if not self.prompts and is_toy:
+            from diffalign.gym.world import heldout_prompts
+
+            self.prompts = heldout_prompts()
+        self.gold = is_toy
+        self.reward = None
+        if self.cfg.reward:
+            from diffalign.rewards import load_reward
+
+            self.reward = load_reward(self.cfg.reward, device=family.device)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts)
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.enabled and (last or (self.cfg.every > 0 and step % self.cfg.every == 0))
+
+    @torch.no_grad()
+    def run(self, step: int) -> dict[str, float]:
+        from diffalign.infer.generate import sample_images, save_png
+
+        prompts = [p for p in self.prompts for _ in range(self.cfg.num_images)]
+        seeds = [self.cfg.seed + i for i in range(len(prompts))]
+        with self.family.calling(self.family.denoiser):  # never the DDP wrapper: only the main process samples
+            images = sample_images(
+                self.family,
+                prompts,
+                seeds,
+                num_steps=self.cfg.num_steps,
+                guidance_scale=self.cfg.guidance_scale,
+                batch_size=32,
+            )
+        metrics: dict[str, float] = {}
+        if self.reward is not None:
+            metrics["val/reward"] = self.reward(images.to(self.family.device), prompts).float().mean().item()
+        if self.gold:
+            from diffalign.gym.gold import gold_accuracy
+
+            metrics.update({f"val/gold_{k}": v for k, v in gold_accuracy(images, prompts).items()})
+        save_png(image_grid(images), self.output / f"step-{step:06d}.png")
+        return metrics
+
+
+# ------------------------------------------------------------------------------------------------------------ final
+def weights_digest(params: list[torch.nn.Parameter]) -> str:
+    """sha256 of the trainable weights' bytes (equal on every rank when data parallelism kept them in sync)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> int | None:
+    """Steps the optimizer really took (Adam-style `step` counters), None for stateless optimizers."""
+    for group_state in optimizer.state.values():
+        if "step" in group_state:
+            return int(group_state["step"])
+    return None
+
+
+def save_final(family: Family, cfg: TrainConfig, accelerator, state: TrainState, optimizer) -> Path:
+    """The LoRA in diffusers format (or the full denoiser), the resolved config and `summary.json` (steps, skipped
+    pairs, every rank's weight digest), written atomically by the main process."""
+    from accelerate.utils import gather_object
+
+    from diffalign.io import atomic_dir, write_text_atomic
+
+    digests = gather_object([weights_digest(family.trainable_parameters())])
+    skipped = sum(gather_object([state.skipped_pairs]))
+    final = Path(cfg.output_dir) / ("lora" if cfg.lora.enabled else "denoiser")
+    if accelerator.is_main_process:
+        with atomic_dir(final) as tmp:
+            if cfg.lora.enabled:
+                family.save_lora(tmp)
+            else:
+                family.denoiser.save_pretrained(tmp)
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        summary = {
+            "method": cfg.method,
+            "steps": state.step,
+            "optimizer_steps": optimizer_steps(optimizer),
+            "processes": accelerator.num_processes,
+            "skipped_pairs": skipped,
+            "rank_weight_sha256": digests,
+            "final": str(final),
+        }
+        write_text_atomic(Path(cfg.output_dir) / "summary.json", json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return final

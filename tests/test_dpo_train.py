@@ -1,0 +1,232 @@
+"""The Diffusion-DPO recipe: smoke runs on every family, stock LoRA loading, resume after kill -9, NaN stop, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from clitools import run_cli
+from conftest import build_pipeline
+from distributed import launch_two_ranks
+from pairdata import write_parquet
+from safetensors.torch import load_file
+
+from diffalign.config import TrainConfig, load_config
+from diffalign.errors import UserError
+from diffalign.train import common
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def train_in_process(overrides: list[str]) -> Path:
+    from diffalign.train.dpo import train
+
+    reset_accelerate()
+    try:
+        return train(load_config(TrainConfig, None, overrides))
+    finally:
+        reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", 12, corrupt_rows=[5])
+
+
+def base_overrides(kind: str, pairs: Path, out: Path) -> list[str]:
+    return [
+        f"model.name=tiny-{kind}",
+        f"data.source={pairs}",
+        f"output_dir={out}",
+        "batch_size=2",
+        "max_steps=3",
+        "checkpoint_every=2",
+        "log_every=1",
+        "report_to=none",
+        "optim.lr=1e-3",
+        "dpo.beta=500",
+        "validation.prompts=[a red circle]",
+        "validation.every=2",
+    ]
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux"])
+def test_recipe_runs_on_every_family_and_its_lora_loads_in_a_stock_pipeline(kind, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    final = train_in_process(base_overrides(kind, pairs_file, out))
+    assert final == out / "lora" and (final / "pytorch_lora_weights.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-4)  # LoRA starts as the identity: policy == reference
+    assert all(0 <= r["implicit_accuracy"] <= 1 and r["lr"] > 0 for r in steps)
+    assert (out / "validation" / "step-000002.png").is_file() and (out / "checkpoints" / "checkpoint-2").is_dir()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["optimizer_steps"] == 3 and summary["skipped_pairs"] >= 0
+    # the saved LoRA loads into a freshly built stock pipeline and changes its output
+    pipe = build_pipeline(kind)
+    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "pt"}
+    if kind in ("sd3", "flux"):
+        kwargs["max_sequence_length"] = 32
+    base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(str(final))
+    tuned = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (tuned - base).abs().max() > 1e-5
+
+
+def test_full_finetune_saves_the_denoiser(pairs_file, tmp_path):
+    out = tmp_path / "full"
+    final = train_in_process(
+        [
+            *base_overrides("sd", pairs_file, out),
+            "lora.enabled=false",
+            "max_steps=2",
+            "optim.optimizer=adafactor",
+            "validation.prompts=[]",
+        ]
+    )
+    assert (final / "config.json").is_file() and list(final.glob("*.safetensors"))
+
+
+def test_gradient_accumulation_counts_optimizer_steps(pairs_file, tmp_path):
+    out = tmp_path / "accum"
+    train_in_process(
+        [
+            *base_overrides("sd", pairs_file, out),
+            "gradient_accumulation_steps=2",
+            "max_steps=2",
+            "validation.prompts=[]",
+            "checkpoint_every=0",
+        ]
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["optimizer_steps"] == 2
+    assert not (out / "checkpoints").exists()
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(pairs_file, tmp_path):
+    out = tmp_path / "nan"
+    overrides = [
+        *base_overrides("sd", pairs_file, out),
+        "checkpoint_every=1",
+        "max_steps=5",
+        "optim.lr=1e30",
+        "optim.max_grad_norm=0",
+        "validation.prompts=[]",
+    ]
+    with pytest.raises(common.TrainingDiverged, match=r"loss became (nan|inf) at step 2; .*checkpoint-1"):
+        train_in_process(overrides)
+    assert [step for step, _ in common.complete_checkpoints(out)] == [1]
+    assert not (out / "lora").exists()
+
+
+def test_partial_checkpoints_are_never_resumed(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "checkpoint-4").mkdir(parents=True)
+    (root / "checkpoint-4" / common.CHECKPOINT_MARKER).write_text(json.dumps({"step": 4}))
+    (root / "checkpoint-9").mkdir()  # no marker: written by a crashed run or copied half-way
+    (root / ".tmp-checkpoint-8").mkdir()
+    (root / ".tmp-checkpoint-8" / common.CHECKPOINT_MARKER).write_text(json.dumps({"step": 8}))
+    assert common.resolve_resume(tmp_path, "auto") == root / "checkpoint-4"
+    assert common.resolve_resume(tmp_path, "none") is None
+    with pytest.raises(UserError, match="not a complete diffalign checkpoint"):
+        common.resolve_resume(tmp_path, str(root / "checkpoint-9"))
+
+
+def train_command(config: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "diffalign", "train", str(config), *overrides]
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(pairs_file, tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        f"model:\n  name: tiny-sd\ndata:\n  source: {pairs_file}\n  empty_prompt_fraction: 0.3\n"
+        "batch_size: 2\nmax_steps: 40\ncheckpoint_every: 4\nlog_every: 1\nreport_to: none\n"
+        "optim:\n  lr: 1.0e-3\ndpo:\n  beta: 500\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    straight = subprocess.run(
+        train_command(config, f"output_dir={tmp_path / 'a'}"), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen(
+        train_command(config, f"output_dir={out}"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(s >= 8 for s, _ in common.complete_checkpoints(out)):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [s for s, _ in common.complete_checkpoints(out)]
+    assert done and max(done) < 40, f"the run was not interrupted in the middle ({done})"
+    (out / "checkpoints" / "checkpoint-999").mkdir()  # a half-written folder must be ignored
+    resumed = subprocess.run(
+        train_command(config, f"output_dir={out}"), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {out / 'checkpoints'}/checkpoint-{max(done)}" in resumed.stdout
+    a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_rank_ddp_run_keeps_ranks_identical(pairs_file, tmp_path):
+    out = tmp_path / "ddp"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        f"model:\n  name: tiny-sd\ndata:\n  source: {pairs_file}\nbatch_size: 2\nmax_steps: 3\n"
+        f"checkpoint_every: 2\nreport_to: none\noutput_dir: {out}\noptim:\n  lr: 1.0e-3\n"
+    )
+    result = launch_two_ranks(["-m", "diffalign", "train", str(config)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3 and summary["optimizer_steps"] == 3
+    first, second = summary["rank_weight_sha256"]
+    assert first == second
+    assert sorted(p.name for p in (out / "checkpoints" / "checkpoint-2").glob("train_state-*.pt")) == [
+        "train_state-0.pt",
+        "train_state-1.pt",
+    ]
+    states = [
+        torch.load(out / "checkpoints" / "checkpoint-2" / f"train_state-{r}.pt", weights_only=False) for r in (0, 1)
+    ]
+    assert states[0]["micro_batches"] == states[1]["micro_batches"] == 4  # 2 steps x batch 2, on each rank
+    assert not torch.equal(states[0]["generator"], states[1]["generator"])  # different noise per rank
+
+
+def test_cli_names_a_missing_column_before_training(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b""], "jpg_1": [b""]}), tmp_path / "p.parquet")
+    result = run_cli(
+        "train",
+        str(_write(tmp_path / "c.yaml", "method: dpo\n")),
+        "model.name=tiny-sd",
+        f"data.source={tmp_path / 'p.parquet'}",
+        f"output_dir={tmp_path / 'o'}",
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data: column 'label_0' is missing")
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

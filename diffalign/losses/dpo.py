@@ -3,7 +3,7 @@
 β convention (the paper's, SalesforceAIResearch/DiffusionDPO and diffusers' SDXL script): with per-sample denoising
 errors e = mean_{C,H,W} ||prediction - target||² of the policy (e_w, e_l) and of the reference (r_w, r_l),
 
-    inside = -(β / 2) · ((e_w - e_l) - (r_w - r_l))                                  (paper eq. 14, T·ω(λ_t) folded into β)
+    inside = -(β / 2) · ((e_w - e_l) - (r_w - r_l))          (paper eq. 14, with T·ω(λ_t) folded into β)
 
 Paper values: β = 2000 (SD 1.5), 5000 (SDXL). diffusers' SD 1.5 script writes `logsigmoid(beta_dpo · (ref_diff -
 model_diff))` with default `beta_dpo = 2500`: that is the same loss with β = 2 · beta_dpo = 5000 — see

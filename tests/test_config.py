@@ -103,3 +103,16 @@ def test_missing_required_value_is_named():
 def test_parse_overrides_nests_on_dots():
     tree = parse_overrides(["a.b.c=1", "a.d=x", "e=[1, 2]"])
     assert tree == {"a": {"b": {"c": "1"}, "d": "x"}, "e": "[1, 2]"}
+
+
+def test_shipped_configs_load_strictly_and_start_with_their_command():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+    assert len(configs) >= 8
+    for path in configs:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and ("diffalign" in first), path
+        if path.parent.name == "dpo":
+            cfg = load_config(TrainConfig, path)
+            assert cfg.method == "dpo" and cfg.data.source and path.stem in first

@@ -328,10 +328,10 @@ class Family:
                 with self.calling(self._reference_module):
                     yield
             elif self.lora is not None:
+                # Same (possibly DDP/FSDP-wrapped) module, adapters off: sharded weights stay reachable.
                 self.denoiser.disable_adapters()
                 try:
-                    with self.calling(self.denoiser):
-                        yield
+                    yield
                 finally:
                     self.denoiser.enable_adapters()
             else:

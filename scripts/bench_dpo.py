@@ -1,0 +1,151 @@
+"""DPO step-time benchmark (used by `scripts/bench.py dpo`).
+
+Three variants, each in its own process (so peak memory is its own):
+  bare    the irreducible work of a DPO step written in plain torch on pre-computed tensors: policy forward+backward
+          on the 2B batch, reference forward on the 2B batch, optimizer step
+  cached  the real recipe (`diffalign.train.dpo.train`) with the latent/embedding cache
+  raw     the real recipe without the cache (VAE + text encoders run every step)
+Recipe step time = (T(n2 steps) - T(n1 steps)) / (n2 - n1), so start-up and model loading cancel out.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = "toy"
+PAIRS, BATCH, RESOLUTION = 96, 8, 32
+STEPS = (10, 40)
+
+
+def _model() -> str:
+    from diffalign.hub import TOY_MODEL_DIR
+
+    return MODEL if (TOY_MODEL_DIR / "model_index.json").is_file() else "tiny-sd"
+
+
+def _write_pairs(folder: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from pairdata import write_parquet
+
+    return write_parquet(folder / "pairs.parquet", PAIRS)
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bare(folder: Path) -> dict:
+    """Plain-torch DPO step on tensors already in memory."""
+    import torch
+    import torch.nn.functional as F
+
+    from diffalign.models import load_family
+
+    family = load_family(_model())
+    params = family.add_lora(rank=8)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    unet = family.denoiser
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2 * BATCH, *family.latent_shape(1, RESOLUTION)[1:], generator=g)
+    cond = family.encode_prompts(["a red circle on a black background"] * (2 * BATCH))["prompt_embeds"]
+    alphas = family.alphas_cumprod
+
+    def step():
+        noise = torch.randn(latents[:BATCH].shape, generator=g).repeat(2, 1, 1, 1)
+        t = torch.randint(0, 1000, (BATCH,), generator=g).repeat(2)
+        a = alphas[t].reshape(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        with torch.no_grad():
+            unet.disable_adapters()
+            unet(noisy, t, encoder_hidden_states=cond)
+            unet.enable_adapters()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(STEPS[1] - STEPS[0]):
+        step()
+    return {"step_s": (time.perf_counter() - start) / (STEPS[1] - STEPS[0]), "peak_mb": _peak_mb()}
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def _train(pairs: Path, out: Path, steps: int, cache: Path | None) -> float:
+    """Seconds for one in-process recipe run of `steps` steps."""
+    from diffalign.config import TrainConfig, load_config
+    from diffalign.train.dpo import train
+
+    overrides = [
+        f"model.name={_model()}",
+        f"data.source={pairs}",
+        f"output_dir={out}",
+        f"batch_size={BATCH}",
+        f"max_steps={steps}",
+        "checkpoint_every=0",
+        "report_to=none",
+        "log_every=1000",
+        f"model.resolution={RESOLUTION}",
+        "lora.rank=8",
+    ]
+    if cache is not None:
+        overrides.append(f"data.cache_dir={cache}")
+    start = time.perf_counter()
+    train(load_config(TrainConfig, None, overrides))
+    elapsed = time.perf_counter() - start
+    _reset_accelerate()
+    return elapsed
+
+
+def recipe(folder: Path, cached: bool) -> dict:
+    """The real recipe, timed at two lengths (the cache, if any, is built by an untimed warm-up run)."""
+    pairs = _write_pairs(folder)
+    cache = folder / "cache" if cached else None
+    _train(pairs, folder / "warm", 1, cache)
+    short, long = (_train(pairs, folder / f"run{n}", n, cache) for n in STEPS)
+    return {"step_s": (long - short) / (STEPS[1] - STEPS[0]), "peak_mb": _peak_mb()}
+
+
+def run_variant(name: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if name == "bare":
+            return bare(folder)
+        return recipe(folder, cached=name == "cached")
+
+
+def main() -> None:
+    """Run the three variants in subprocesses and print their figures and ratios."""
+    results = {}
+    for name in ("bare", "cached", "raw"):
+        out = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, check=True)
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    bare_s = results["bare"]["step_s"]
+    print(f"dpo bench ({_model()}, {BATCH} pairs/step at {RESOLUTION}px, LoRA rank 8, CPU threads as set)")
+    for name, r in results.items():
+        print(f"  {name:7s} {r['step_s'] * 1000:8.1f} ms/step   peak RSS {r['peak_mb']:7.0f} MB")
+    print(f"  recipe (cached) / bare work: {results['cached']['step_s'] / bare_s:.3f}   (target <= 1.10)")
+    print(f"  recipe without cache / with cache: {results['raw']['step_s'] / results['cached']['step_s']:.3f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        print(json.dumps(run_variant(sys.argv[1])))
+    else:
+        main()

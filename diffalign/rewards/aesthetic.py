@@ -11,7 +11,7 @@ from torch import Tensor
 
 from diffalign.errors import UserError
 from diffalign.rewards.base import Reward
-from diffalign.rewards.encoders import preprocess_from_processor_config
+from diffalign.rewards.encoders import preprocess_from_processor_config, quiet_transformers
 from diffalign.rewards.heads import head_from_state_dict
 from diffalign.rewards.weights import load_checkpoint, optional_file, read_json, resolve_file, resolve_pretrained
 
@@ -31,12 +31,15 @@ class AestheticReward(Reward):
 
     def __init__(self, clip: str = AESTHETIC_CLIP, head: str = AESTHETIC_HEAD_REPO) -> None:
         super().__init__()
-        from transformers import CLIPVisionModelWithProjection
+        from transformers import CLIPConfig, CLIPVisionModelWithProjection
 
         head_path = resolve_file(head, AESTHETIC_HEAD_FILE, self.name, "head")
         self.head = head_from_state_dict(load_checkpoint(head_path, self.name), "", self.name)
         clip_path = resolve_pretrained(clip, self.name, "clip")
-        self.vision = CLIPVisionModelWithProjection.from_pretrained(clip_path)
+        with quiet_transformers():  # the text tower's weights are in the file but not loaded: no report
+            config = CLIPConfig.from_pretrained(clip_path)
+            config.vision_config.projection_dim = config.projection_dim
+            self.vision = CLIPVisionModelWithProjection.from_pretrained(clip_path, config=config.vision_config)
         if self.vision.config.projection_dim != self.head.input_width:
             raise UserError(
                 f"aesthetic: the head takes {self.head.input_width}-wide embeddings but {clip} projects to "

@@ -44,14 +44,20 @@ def resize_shorter_side(images: Tensor, size: int, mode: str = "bicubic") -> Ten
     return resize(images, resized_shorter_side(images.shape[-2], images.shape[-1], size), mode)
 
 
-def center_crop(images: Tensor, size: tuple[int, int]) -> Tensor:
-    """The central `size` (height, width) window of [B, C, H, W] (torchvision's rounding of the offsets)."""
+def crop_offset(length: int, crop: int, rounding: str = "round") -> int:
+    """Start of a centered window of `crop` in `length`: torchvision rounds half the margin ('round', as open_clip
+    and ImageReward preprocess), transformers' image processors floor it ('floor')."""
+    margin = (length - crop) / 2.0
+    return int(round(margin)) if rounding == "round" else int(margin)
+
+
+def center_crop(images: Tensor, size: tuple[int, int], rounding: str = "round") -> Tensor:
+    """The central `size` (height, width) window of [B, C, H, W]; `rounding` of the offsets as in `crop_offset`."""
     height, width = images.shape[-2:]
     crop_h, crop_w = size
     if crop_h > height or crop_w > width:
         raise ValueError(f"center_crop: crop {size} is larger than the image {(height, width)}")
-    top = int(round((height - crop_h) / 2.0))
-    left = int(round((width - crop_w) / 2.0))
+    top, left = crop_offset(height, crop_h, rounding), crop_offset(width, crop_w, rounding)
     return images[..., top : top + crop_h, left : left + crop_w]
 
 
@@ -67,7 +73,7 @@ class Preprocess:
     """Torch image preprocessing of a vision encoder: resize, center crop, normalise.
 
     `resize` is an int (the shorter side, aspect kept), a (height, width) pair (exact size) or None;
-    `crop` a (height, width) pair or None.
+    `crop` a (height, width) pair or None; `crop_rounding` 'round' (torchvision) or 'floor' (transformers).
     """
 
     resize: int | tuple[int, int] | None = 224
@@ -75,6 +81,7 @@ class Preprocess:
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     interpolation: str = "bicubic"
+    crop_rounding: str = "round"
 
     def __call__(self, images: Tensor) -> Tensor:
         """Preprocess float images [B, 3, H, W] in [0, 1]; differentiable."""
@@ -83,7 +90,7 @@ class Preprocess:
         elif self.resize is not None:
             images = resize(images, self.resize, self.interpolation)
         if self.crop is not None:
-            images = center_crop(images, self.crop)
+            images = center_crop(images, self.crop, self.crop_rounding)
         return normalize(images, self.mean, self.std)
 
     @property
@@ -110,7 +117,7 @@ def image_to_tensor(image: Any) -> Tensor:
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected an HWC image array with 1, 3 or 4 channels, got shape {array.shape}")
     array = array[..., :3] if array.shape[-1] >= 3 else np.repeat(array, 3, axis=-1)
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    tensor = torch.from_numpy(np.array(array, copy=True, order="C")).permute(2, 0, 1)
     if tensor.dtype == torch.uint8:
         return tensor.float() / 255.0
     return tensor.float()

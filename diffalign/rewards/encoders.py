@@ -8,6 +8,8 @@ gradients reach the pixels. transformers and open_clip are imported only when an
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor, nn
@@ -20,6 +22,22 @@ RESAMPLE_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 """PIL resample codes in processor configs -> torch interpolation modes (LANCZOS has no torch equivalent)."""
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars while a reward loads (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _pair(value: Any) -> tuple[int, int]:
     if isinstance(value, dict):
         return int(value["height"]), int(value["width"])
@@ -27,7 +45,8 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 def preprocess_from_processor_config(config: dict[str, Any], default_size: int) -> Preprocess:
-    """A `Preprocess` equivalent to a transformers CLIP image processor config (size, crop_size, mean, std, resample).
+    """A `Preprocess` equivalent to a transformers CLIP image processor config (size, crop_size, mean, std, resample),
+    with transformers' floor rounding of the crop offsets.
 
     `size` {"shortest_edge": n} or an int resizes the shorter side; {"height", "width"} resizes to that exact size.
     """
@@ -44,7 +63,7 @@ def preprocess_from_processor_config(config: dict[str, Any], default_size: int) 
     mean = tuple(config.get("image_mean", CLIP_MEAN)) if config.get("do_normalize", True) else (0.0, 0.0, 0.0)
     std = tuple(config.get("image_std", CLIP_STD)) if config.get("do_normalize", True) else (1.0, 1.0, 1.0)
     mode = RESAMPLE_MODES.get(int(config.get("resample", 3)), "bicubic")
-    return Preprocess(resize=resize, crop=crop, mean=mean, std=std, interpolation=mode)
+    return Preprocess(resize=resize, crop=crop, mean=mean, std=std, interpolation=mode, crop_rounding="floor")
 
 
 class HFClip(nn.Module):
@@ -61,8 +80,9 @@ class HFClip(nn.Module):
             if processor == model
             else resolve_pretrained(processor, what, "processor", marker="tokenizer_config.json")
         )
-        self.model = CLIPModel.from_pretrained(model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(processor_path)
+        with quiet_transformers():
+            self.model = CLIPModel.from_pretrained(model_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(processor_path)
         text_positions = self.model.config.text_config.max_position_embeddings
         self.max_length = min(int(self.tokenizer.model_max_length), text_positions)
         config_file = optional_file(processor_path, "preprocessor_config.json")

@@ -8,13 +8,15 @@ A spec is one or more comma-separated terms; a term is a reward, its options and
     clip:model=ViT-B-32:pretrained=openai:weight=0.01   a weight together with options
     my_pkg.my_mod:MyReward                   a user reward by dotted path (a Reward subclass), options as above
 
-A value may itself contain ':' (hf-hub:org/repo, local-dir:/folder); values cannot contain ','.
+A value may itself contain ':' (hf-hub:org/repo, local-dir:/folder); values cannot contain ','. With options, the
+weight is the `weight=` option (a trailing `=w` would be read as part of the last value).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,10 @@ class RewardTerm:
     text: str = ""
 
 
+OPTION_START = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+"""A spec part that starts a new key=value option (anything else continues the previous value)."""
+
+
 def _parse_weight(value: str, term: str) -> float:
     try:
         return float(value)
@@ -68,7 +74,7 @@ def _split_options(parts: list[str], term: str) -> tuple[dict[str, str], float |
     options: dict[str, str] = {}
     last_key = None
     for part in parts:
-        if "=" in part.split(":")[0] and not part.startswith("="):
+        if OPTION_START.match(part):
             key, value = part.split("=", 1)
             key = key.strip()
             if key in options:
@@ -91,6 +97,8 @@ def import_reward_class(path: str, term: str) -> type[Reward]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
+        if "." not in module_name:  # most likely a misspelt reward name rather than a top-level module
+            lookup_reward(module_name, term)
         raise UserError(f"reward spec {term!r}: cannot import module {module_name!r} ({e})") from e
     cls = getattr(module, class_name, None)
     if cls is None:
@@ -114,15 +122,14 @@ def parse_term(term: str) -> RewardTerm:
     """One spec term -> RewardTerm (the class is looked up or imported; options are checked, not applied)."""
     parts = [p.strip() for p in term.split(":")]
     head, rest = parts[0], parts[1:]
-    if "." in head.split("=")[0]:  # package.module:ClassName[=weight]
-        if not rest:
-            raise UserError(f"reward spec {term!r}: a user reward is given as package.module:ClassName")
-        head, rest = f"{head}:{rest[0]}", rest[1:]
-    weight = None
-    if "=" in head:
-        head, weight_text = head.rsplit("=", 1)
-        weight = _parse_weight(weight_text, term)
+    name = head.split("=")[0]
+    if name not in REWARDS and rest:
+        head, rest = f"{head}:{rest[0]}", rest[1:]  # module:ClassName[=weight]
+    elif "." in name:
+        raise UserError(f"reward spec {term!r}: a user reward is given as package.module:ClassName")
+    head, has_weight, weight_text = head.partition("=")
     cls = import_reward_class(head, term) if ":" in head else lookup_reward(head, term)
+    weight = _parse_weight(weight_text, term) if has_weight else None
     options, option_weight = _split_options(rest, term)
     if weight is not None and option_weight is not None:
         raise UserError(f"reward spec {term!r}: the weight is given twice")

@@ -59,7 +59,10 @@ def process_info() -> ProcessInfo:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        # like Accelerator(): ACCELERATE_USE_CPU=1 (or no GPU) means gloo ranks on the CPU
+        forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        use_cpu = forced_cpu or not torch.cuda.is_available()
+        state = PartialState(cpu=use_cpu)
         return ProcessInfo(rank=state.process_index, world=state.num_processes, device=str(state.device))
     return ProcessInfo(device="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -240,9 +243,11 @@ def run_score(
     share = list(range(info.rank, len(images), info.world))
     workers = default_workers() if workers is None else workers
     started = time.perf_counter()
-    with progress_bar(len(share), enabled=progress and info.is_main) as advance:
+    with progress_bar(len(share), enabled=progress and info.is_main and sys.stderr.isatty()) as advance:
         scores = score_share(reward, images, prompts, share, batch_size, workers, device, on_skip, advance)
     seconds = time.perf_counter() - started
+    if info.world > 1:
+        print(f"rank {info.rank}/{info.world}: scored {len(scores)} images ({len(skipped)} skipped)", file=sys.stderr)
     shares = gather_to_all((scores, skipped), info)
     all_scores = {i: s for part, _ in shares for i, s in part.items()}
     all_skipped = {i: r for _, part in shares for i, r in part.items()}

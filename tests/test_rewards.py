@@ -29,8 +29,14 @@ OPEN_CLIP_CFG = {
 
 
 # ------------------------------------------------------------------------------------- tiny checkpoint writers
-def write_tiny_clip(folder: Path, image_size: int = 32, projection_dim: int = 16, seed: int = 0,
-                    mean=(0.5, 0.45, 0.4), std=(0.27, 0.26, 0.28)) -> Path:
+def write_tiny_clip(
+    folder: Path,
+    image_size: int = 32,
+    projection_dim: int = 16,
+    seed: int = 0,
+    mean=(0.5, 0.45, 0.4),
+    std=(0.27, 0.26, 0.28),
+) -> Path:
     """A transformers CLIPModel folder (save_pretrained) + CLIP BPE tokenizer + preprocessor_config.json."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
@@ -39,17 +45,40 @@ def write_tiny_clip(folder: Path, image_size: int = 32, projection_dim: int = 16
     folder.mkdir(parents=True, exist_ok=True)
     write_clip_tokenizer(folder, WORDS)
     tok = CLIPTokenizer.from_pretrained(folder)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=image_size, patch_size=8)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=8,
+    )
     torch.manual_seed(seed)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)).save_pretrained(folder)
-    processor = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "do_center_crop": True,
-                 "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3,
-                 "size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size},
-                 "image_mean": list(mean), "image_std": list(std)}
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "resample": 3,
+        "size": {"shortest_edge": image_size},
+        "crop_size": {"height": image_size, "width": image_size},
+        "image_mean": list(mean),
+        "image_std": list(std),
+    }
     (folder / "preprocessor_config.json").write_text(json.dumps(processor))
     return folder
 
@@ -154,12 +183,25 @@ def write_imagereward(folder: Path) -> Path:
     """ImageReward.pt + med_config.json (BLIP's BertConfig with cross-attention) + a bert vocab.txt tokenizer folder."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(imagereward_state_dict(), folder / "ImageReward.pt")
-    med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-           "hidden_dropout_prob": 0.1, "hidden_size": IR["hidden"], "initializer_range": 0.02,
-           "intermediate_size": IR["intermediate"], "layer_norm_eps": 1e-12,
-           "max_position_embeddings": IR["positions"], "model_type": "bert", "num_attention_heads": 2,
-           "num_hidden_layers": IR["layers"], "pad_token_id": 0, "type_vocab_size": 2,
-           "vocab_size": len(BERT_VOCAB) + 2, "encoder_width": IR["width"], "add_cross_attention": True}
+    med = {
+        "architectures": ["BertModel"],
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": IR["hidden"],
+        "initializer_range": 0.02,
+        "intermediate_size": IR["intermediate"],
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": IR["positions"],
+        "model_type": "bert",
+        "num_attention_heads": 2,
+        "num_hidden_layers": IR["layers"],
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "vocab_size": len(BERT_VOCAB) + 2,
+        "encoder_width": IR["width"],
+        "add_cross_attention": True,
+    }
     (folder / "med_config.json").write_text(json.dumps(med))
     tokenizer = folder / "bert"
     tokenizer.mkdir(exist_ok=True)
@@ -275,8 +317,9 @@ def test_mixed_sizes_are_scored_in_size_groups(tiny):
     reward = load(tiny, "clip")
     small, large = quantised_images(2, 32, 32, seed=1), quantised_images(1, 50, 36, seed=2)
     mixed = reward.score([small[0], large[0], small[1]], PROMPTS)
-    expected = torch.stack([reward(small[:1], PROMPTS[:1])[0], reward(large, PROMPTS[1:2])[0],
-                            reward(small[1:], PROMPTS[2:])[0]])
+    expected = torch.stack(
+        [reward(small[:1], PROMPTS[:1])[0], reward(large, PROMPTS[1:2])[0], reward(small[1:], PROMPTS[2:])[0]]
+    )
     torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
 
 
@@ -331,8 +374,9 @@ def test_pickscore_is_logit_scale_times_cosine_with_the_separate_processor(tiny)
     torch.testing.assert_close(reward(images, PROMPTS), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize(("key", "file", "seed"), [("hpsv2", "HPS_v2.1_compressed.pt", 2),
-                                                   ("hpsv2-2.0", "HPS_v2_compressed.pt", 1)])
+@pytest.mark.parametrize(
+    ("key", "file", "seed"), [("hpsv2", "HPS_v2.1_compressed.pt", 2), ("hpsv2-2.0", "HPS_v2_compressed.pt", 1)]
+)
 def test_hpsv2_is_the_open_clip_cosine_of_the_checkpoint_weights(tiny, key, file, seed):
     import open_clip
 
@@ -363,8 +407,9 @@ def test_aesthetic_is_the_head_on_the_normalised_clip_image_embedding(tiny):
     torch.testing.assert_close(reward(images, ["ignored"] * 3), x.squeeze(-1), atol=1e-5, rtol=0)
 
 
-def blip_reference_score(state: dict[str, torch.Tensor], pixels: torch.Tensor, ids: torch.Tensor,
-                         mask: torch.Tensor) -> torch.Tensor:
+def blip_reference_score(
+    state: dict[str, torch.Tensor], pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """ImageReward.score written from BLIP's vit.py / med.py math directly on the checkpoint tensors."""
     s = state
     w, heads_v, heads_t = IR["width"], IR["width"] // 64, 2
@@ -398,11 +443,20 @@ def blip_reference_score(state: dict[str, torch.Tensor], pixels: torch.Tensor, i
     bias = (1.0 - mask[:, None, None, :].float()) * -10000.0
     for i in range(IR["layers"]):
         p = f"{t}encoder.layer.{i}."
-        a = attention(lin(p + "attention.self.query", e), lin(p + "attention.self.key", e),
-                      lin(p + "attention.self.value", e), heads_t, bias)
+        a = attention(
+            lin(p + "attention.self.query", e),
+            lin(p + "attention.self.key", e),
+            lin(p + "attention.self.value", e),
+            heads_t,
+            bias,
+        )
         a = ln(p + "attention.output.LayerNorm", lin(p + "attention.output.dense", a) + e)
-        c = attention(lin(p + "crossattention.self.query", a), lin(p + "crossattention.self.key", image),
-                      lin(p + "crossattention.self.value", image), heads_t)
+        c = attention(
+            lin(p + "crossattention.self.query", a),
+            lin(p + "crossattention.self.key", image),
+            lin(p + "crossattention.self.value", image),
+            heads_t,
+        )
         c = ln(p + "crossattention.output.LayerNorm", lin(p + "crossattention.output.dense", c) + a)
         e = ln(p + "output.LayerNorm", lin(p + "output.dense", F.gelu(lin(p + "intermediate.dense", c))) + c)
     x = e[:, 0]
@@ -430,8 +484,9 @@ def test_imagereward_text_is_truncated_at_35_tokens(tiny):
     images = quantised_images(1, 32, 32)
     base = "a red circle on a white background " * 5  # 35 words: [CLS] + 33 of them + [SEP] fill the window
     long = base + "with a cat"  # the extra words fall beyond the 35-token window
-    torch.testing.assert_close(reward(images, [base.strip() + " blue"]), reward(images, [base.strip() + " green"]),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        reward(images, [base.strip() + " blue"]), reward(images, [base.strip() + " green"]), atol=0, rtol=0
+    )
     assert not torch.equal(reward(images, ["a red circle"]), reward(images, [long]))
 
 
@@ -511,8 +566,10 @@ def test_weighted_mix_is_the_weighted_sum_of_its_components(tiny):
 def test_a_differentiable_mix_backpropagates_through_every_part(tiny):
     from diffalign.rewards import load_reward
 
-    reward = load_reward(f"aesthetic:clip={tiny['aesthetic_clip']}:head={tiny['aesthetic_head']}:weight=1.5,"
-                         f"clip:model={tiny['clip']}:weight=0.01")
+    reward = load_reward(
+        f"aesthetic:clip={tiny['aesthetic_clip']}:head={tiny['aesthetic_head']}:weight=1.5,"
+        f"clip:model={tiny['clip']}:weight=0.01"
+    )
     assert reward.differentiable
     images = quantised_images().requires_grad_(True)
     (grad,) = torch.autograd.grad(reward(images, PROMPTS).sum(), images)

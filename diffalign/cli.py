@@ -122,7 +122,7 @@ def score(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .csv or .jsonl (default: stdout).")] = None,
     strict: Annotated[bool, typer.Option(help="Unreadable image: error (default: skip it with a warning).")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: this process's GPU or CPU).")] = None,
-    workers: Annotated[int | None, typer.Option(min=0, help="Image-decoding workers (default: CPU cores - 1).")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decoding processes (GPU: cores-1, CPU: 0).")] = None,
 ) -> None:
     """Score images with a reward: one row per image (path, prompt, each component, total) and a summary.
 

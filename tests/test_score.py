@@ -268,3 +268,27 @@ def test_two_ranks_write_one_merged_output_in_input_order(folder, clip_dir, tmp_
     assert len(merged_rows) == 1 + len(SCORED)
     for got, want in zip(merged_rows[1:], single_rows[1:], strict=True):
         assert_close_cells([float(v) for v in got[2:]], [float(v) for v in want[2:]])
+
+
+def test_decode_image_matches_pil_for_every_format(tmp_path):
+    import numpy as np
+
+    from diffalign.data.images import decode_image
+
+    array = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    images = {
+        "rgb.png": Image.fromarray(array),
+        "gray.png": Image.fromarray(array[..., 0]),
+        "rgba.png": Image.fromarray(np.dstack([array, array[..., :1]])),
+        "palette.gif": Image.fromarray(array).convert("P"),
+        "photo.jpg": Image.fromarray(array),
+        "bitmap.bmp": Image.fromarray(array),
+        "scan.tiff": Image.fromarray(array),
+        "web.webp": Image.fromarray(array),
+    }
+    for name, image in images.items():
+        image.save(tmp_path / name)
+        with Image.open(tmp_path / name) as reopened:
+            expected = torch.from_numpy(np.asarray(reopened.convert("RGB")).copy()).permute(2, 0, 1)
+        decoded = decode_image(tmp_path / name)
+        assert decoded.dtype == torch.uint8 and torch.equal(decoded, expected), name

@@ -1,0 +1,180 @@
+"""Benchmarks that print figures (never timed tests). Offline, CPU-friendly, each under ~2 minutes.
+
+    python scripts/bench.py score     # `diffalign score` end to end vs the bare reward forward (target ratio >= 0.8)
+    python scripts/bench.py dpo       # DPO step time vs the bare work (scripts/bench_dpo.py)
+    python scripts/bench.py all       # every bench, in order
+
+Add a bench: write a function printing its figures and register it in BENCHES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SCORE_IMAGES, SCORE_SIZE, SCORE_BATCH, SCORE_ROUNDS = 128, 256, 32, 5
+SCORE_WORDS = "a photo of red green blue circle square triangle on white black background".split()
+
+
+# ------------------------------------------------------------------------------------------------------- score
+def write_bench_clip(folder: Path) -> Path:
+    """A small CLIP (ViT 256 wide, 4 layers, patch 32, 224 px input) saved like a hub model, random weights."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from diffalign.models.tokenizers import write_clip_tokenizer
+
+    write_clip_tokenizer(folder, SCORE_WORDS)
+    tok = CLIPTokenizer.from_pretrained(folder)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=224,
+        patch_size=32,
+    )
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)).save_pretrained(folder)
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": 224},
+        "crop_size": {"height": 224, "width": 224},
+        "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+def write_bench_images(folder: Path, count: int, size: int) -> list[Path]:
+    """`count` smooth-noise PNGs of size x size with sidecar prompts."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        low = rng.random((8, 8, 3))
+        image = np.kron(low, np.ones((size // 8, size // 8, 1))) + 0.1 * rng.random((size, size, 3))
+        path = folder / f"{i:04d}.png"
+        Image.fromarray((image.clip(0, 1) * 255).astype(np.uint8)).save(path)
+        (folder / f"{i:04d}.txt").write_text(SCORE_WORDS[i % len(SCORE_WORDS)] + " circle")
+        paths.append(path)
+    return paths
+
+
+def bare_rate(reward, images, prompts: list[str], batch_size: int) -> float:
+    """Images/s of the reward forward alone on images already decoded into float tensors [N, 3, H, W]."""
+    import torch
+
+    with torch.no_grad():
+        started = time.perf_counter()
+        for start in range(0, len(images), batch_size):
+            reward(images[start : start + batch_size], prompts[start : start + batch_size])
+    return len(images) / (time.perf_counter() - started)
+
+
+def bench_score() -> None:
+    """`diffalign score` throughput (decoding + batching + reward + output) vs the bare forward, in paired rounds."""
+    import torch
+
+    from diffalign.data.images import assign_prompts, decode_image
+    from diffalign.rewards import load_reward
+    from diffalign.score import run_score
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        clip = write_bench_clip(root / "clip")
+        paths = write_bench_images(root / "images", SCORE_IMAGES, SCORE_SIZE)
+        spec = f"clip:model={clip}"
+        prompts = [p or "" for p in assign_prompts(paths)]
+        reward = load_reward(spec)
+        images = torch.stack([decode_image(p) for p in paths]).float() / 255
+        bare_rate(reward, images[:SCORE_BATCH], prompts, SCORE_BATCH)  # warm-up
+
+        def end_to_end(workers: int | None = None) -> float:
+            result = run_score(
+                [str(root / "images")],
+                spec,
+                batch_size=SCORE_BATCH,
+                out=root / "scores.csv",
+                progress=False,
+                workers=workers,
+            )
+            return len(result.rows) / result.seconds
+
+        bare_rates, score_rates = [], []
+        for _ in range(SCORE_ROUNDS):  # paired back-to-back rounds: the machine may be shared and its load drifts
+            bare_rates.append(bare_rate(reward, images, prompts, SCORE_BATCH))
+            score_rates.append(end_to_end())
+        ratios = sorted(s / b for s, b in zip(score_rates, bare_rates, strict=True))
+        one_worker = end_to_end(workers=1) / bare_rate(reward, images, prompts, SCORE_BATCH)
+        started = time.perf_counter()
+        command = ["-m", "diffalign", "score", str(root / "images"), "--reward", spec, "--out", str(root / "cli.csv")]
+        cli = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=ROOT)
+        cli_seconds = time.perf_counter() - started
+        if cli.returncode != 0:
+            raise SystemExit(cli.stderr)
+
+    rates = lambda values: ", ".join(f"{v:.1f}" for v in values)  # noqa: E731
+    print(
+        f"score bench: {SCORE_IMAGES} PNGs {SCORE_SIZE}x{SCORE_SIZE} -> small CLIP at 224 px, batch {SCORE_BATCH}, "
+        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores, {SCORE_ROUNDS} paired rounds"
+    )
+    print(f"  bare reward forward (decoded tensors) images/s: {rates(bare_rates)}")
+    print(f"  diffalign score (decode + score)      images/s: {rates(score_rates)}")
+    print(f"  ratio end-to-end / bare: median {ratios[len(ratios) // 2]:.3f}, best {ratios[-1]:.3f}   (target >= 0.8)")
+    print(f"  ratio with --workers 1 (a decoding process beside torch's CPU threads): {one_worker:.3f}")
+    print(f"  CLI wall time incl. start-up and model load: {cli_seconds:.1f} s for {SCORE_IMAGES} images")
+
+
+# --------------------------------------------------------------------------------------------------------- dpo
+def bench_dpo() -> None:
+    """The DPO step benchmark of scripts/bench_dpo.py."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_dpo
+
+    bench_dpo.main()
+
+
+BENCHES: dict[str, Callable[[], None]] = {"score": bench_score, "dpo": bench_dpo}
+
+
+def main() -> None:
+    """Run one bench by name, or `all`."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bench", choices=[*BENCHES, "all"], help="which benchmark to run")
+    args = parser.parse_args()
+    for name, bench in BENCHES.items():
+        if args.bench in (name, "all"):
+            bench()
+
+
+if __name__ == "__main__":
+    main()

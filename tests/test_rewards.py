@@ -741,3 +741,31 @@ def test_image_to_tensor_accepts_pil_numpy_and_tensors():
     rgba = np.concatenate([array, np.full((6, 5, 1), 7, np.uint8)], axis=-1)
     torch.testing.assert_close(image_to_tensor(rgba), expected)
     assert image_to_tensor(array[..., 0]).shape == (3, 6, 5)
+
+
+@pytest.mark.parametrize("key", REAL)
+def test_bfloat16_rewards_score_close_to_float32(tiny, key):
+    from diffalign.rewards import load_reward
+
+    reward = load_reward(specs(tiny)[key], dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in reward.parameters())
+    images = quantised_images()
+    scores = reward(images, PROMPTS)
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    expected = load(tiny, key)(images, PROMPTS)
+    torch.testing.assert_close(scores, expected, atol=0.05 * expected.abs().max().item() + 0.05, rtol=0.05)
+
+
+def test_rewards_never_import_diffusers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from diffalign.rewards import REWARDS, load_reward\n"
+        "import diffalign.rewards.imagereward, diffalign.rewards.clip, diffalign.score, diffalign.data.images\n"
+        "load_reward('jpeg=1,toy-gold=1')(torch.rand(1, 3, 32, 32), ['a red circle on a white background'])\n"
+        "assert 'diffusers' not in sys.modules, 'diffusers was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -52,7 +52,7 @@ class AestheticReward(Reward):
 
     def forward(self, images: Tensor, prompts: list[str] | None = None) -> Tensor:
         """Aesthetic scores [B] of images [B, 3, H, W] in [0, 1]."""
-        pixels = self.preprocess(self.prepare(images))
+        pixels = self.preprocess(self.prepare(images)).to(self.dtype)
         embeds = self.vision(pixel_values=pixels).image_embeds
         embeds = embeds / embeds.norm(dim=-1, keepdim=True)
         return self.head(embeds).float()

@@ -190,9 +190,10 @@ class Reward(nn.Module):
         return components[self.label]
 
     def prepare(self, images: Tensor) -> Tensor:
-        """Move `images` to the reward's device and dtype (differentiable)."""
+        """Move `images` to the reward's device as float32 (differentiable). Preprocessing runs in float32 (CPU
+        antialiased resizing has no bfloat16 kernel); cast to `self.dtype` after it."""
         check_images(images)
-        return images.to(device=self.device, dtype=self.dtype)
+        return images.to(device=self.device, dtype=torch.float32)
 
     @torch.no_grad()
     def score(self, images: Sequence[Any] | Tensor, prompts: Sequence[str]) -> Tensor:

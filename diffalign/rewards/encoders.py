@@ -91,7 +91,7 @@ class HFClip(nn.Module):
 
     def embed_images(self, images: Tensor) -> Tensor:
         """L2-normalised image embeddings [B, D] of images [B, 3, H, W] in [0, 1]."""
-        pixels = self.preprocess(images)
+        pixels = self.preprocess(images).to(self.model.dtype)
         features = self.model.get_image_features(pixel_values=pixels)
         features = getattr(features, "pooler_output", features)
         return features / features.norm(dim=-1, keepdim=True)
@@ -168,7 +168,8 @@ class OpenClip(nn.Module):
 
     def embed_images(self, images: Tensor) -> Tensor:
         """L2-normalised image embeddings [B, D] of images [B, 3, H, W] in [0, 1]."""
-        return self.model.encode_image(self.preprocess(images), normalize=True)
+        dtype = next(self.model.parameters()).dtype
+        return self.model.encode_image(self.preprocess(images).to(dtype), normalize=True)
 
     def embed_texts(self, prompts: list[str]) -> Tensor:
         """L2-normalised text embeddings [B, D]."""

@@ -115,6 +115,9 @@ def text_config(med: dict[str, Any], encoder_width: int) -> Any:
         hidden_act=str(med.get("hidden_act", "gelu")),
         layer_norm_eps=float(med.get("layer_norm_eps", 1e-12)),
         pad_token_id=int(med.get("pad_token_id", 0)),
+        bos_token_id=None,  # generation ids, unused by the encoder
+        eos_token_id=None,
+        sep_token_id=None,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         is_decoder=True,  # builds the cross-attention layers; forward runs bidirectionally (is_decoder=False)
@@ -183,7 +186,7 @@ class ImageRewardReward(Reward):
     def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
         """ImageReward [B] of images [B, 3, H, W] in [0, 1] and their prompts."""
         prompts = check_prompts(images, prompts)
-        pixels = self.preprocess(self.prepare(images))
+        pixels = self.preprocess(self.prepare(images)).to(self.dtype)
         image_embeds = self.vision(pixel_values=pixels).last_hidden_state
         tokens = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=TEXT_MAX_LENGTH, return_tensors="pt"
@@ -195,5 +198,5 @@ class ImageRewardReward(Reward):
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=image_mask,
         ).last_hidden_state
-        reward = self.head(text[:, 0, :].float())
+        reward = self.head(text[:, 0, :]).float()
         return (reward - REWARD_MEAN) / REWARD_STD

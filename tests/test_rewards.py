@@ -743,7 +743,7 @@ def test_image_to_tensor_accepts_pil_numpy_and_tensors():
     assert image_to_tensor(array[..., 0]).shape == (3, 6, 5)
 
 
-@pytest.mark.parametrize("key", REAL)
+@pytest.mark.parametrize("key", ["clip", "hpsv2", "aesthetic", "imagereward"])  # one per encoder code path
 def test_bfloat16_rewards_score_close_to_float32(tiny, key):
     from diffalign.rewards import load_reward
 

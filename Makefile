@@ -13,13 +13,14 @@ export TOKENIZERS_PARALLELISM ?= false
 $(PY):
 	python3 -m venv $(VENV)
 
-# The stamp is rebuilt whenever pyproject.toml changes.
+# The stamp is rebuilt whenever pyproject.toml changes. Torch is then held at the installed distribution's
+# version, read from package metadata (torch.__version__ carries a +cuXXX label that pip's resolver does not match).
 $(VENV)/.diffalign-installed: pyproject.toml | $(PY)
 ifeq ($(SKIP_TORCH),0)
 	$(PY) -m pip install $(TORCH_PINS)
 endif
 	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" > $(VENV)/.torch-pins
-	$(PY) -c "import torch, torchvision; print(f'torch=={torch.__version__}'); print(f'torchvision=={torchvision.__version__}')" > $(VENV)/constraints.txt
+	$(PY) -c "from importlib.metadata import version as v; print(f'torch=={v(\"torch\")}'); print(f'torchvision=={v(\"torchvision\")}')" > $(VENV)/constraints.txt
 	$(PY) -m pip install -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $@
 

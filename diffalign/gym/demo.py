@@ -8,7 +8,6 @@ before/after samples with the same seeds, and a summary table. Writes report.htm
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from diffalign.errors import UserError
+from diffalign.io import atomic_dir
 
 TOY_DPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "dpo" / "toy.yaml"
 PROXY = "toy-clip"
@@ -53,7 +53,7 @@ def run_demo(
     settings: DemoSettings | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run the demo into `out` (replacing a previous demo there) and return its metrics."""
+    """Run the demo into `out` (replacing a previous demo there only once it has succeeded); returns its metrics."""
     from diffalign.gym.world import heldout_prompts, train_prompts
     from diffalign.models import load_family
     from diffalign.rewards import load_reward
@@ -61,33 +61,30 @@ def run_demo(
     console = console or Console(stderr=True)
     settings = settings or (QUICK if quick else FULL)
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     started = time.perf_counter()
     family = load_family("toy")
     proxy = load_reward(PROXY)
     heldout, train = heldout_prompts(), train_prompts()
+    with atomic_dir(out) as work:  # a failed demo leaves the previous one in `out` untouched
+        console.print(f"[bold]1/2 base model[/]: {settings.eval_samples} samples on {len(heldout)} held-out prompts")
+        base = measure(family, heldout, settings.eval_samples, seed, proxy)
 
-    console.print(f"[bold]1/2 base model[/]: {settings.eval_samples} samples on {len(heldout)} held-out prompts")
-    base = measure(family, heldout, settings.eval_samples, seed, proxy)
+        console.print(f"[bold]2/2 Diffusion-DPO[/]: pairs from the proxy reward '{PROXY}', then LoRA training")
+        dpo = dpo_section(family, train, heldout, settings, work / "dpo", seed, proxy, console)
 
-    console.print(f"[bold]2/2 Diffusion-DPO[/]: pairs from the proxy reward '{PROXY}', then LoRA training")
-    dpo = dpo_section(family, train, heldout, settings, out / "dpo", seed, proxy, console)
-
-    metrics = {
-        "settings": asdict(settings),
-        "quick": quick,
-        "seed": seed,
-        "base": strip(base),
-        "dpo": {k: v for k, v in dpo.items() if k != "after_eval"},
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    metrics["dpo"]["after"] = strip(dpo["after_eval"])
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "report.html").write_text(render_report(metrics, base, dpo["after_eval"], heldout))
-    save_grid(base, out / "base_grid.png")
-    save_grid(dpo["after_eval"], out / "dpo" / "after_grid.png")
+        metrics = {
+            "settings": asdict(settings),
+            "quick": quick,
+            "seed": seed,
+            "base": strip(base),
+            "dpo": {k: v for k, v in dpo.items() if k != "after_eval"},
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        metrics["dpo"]["after"] = strip(dpo["after_eval"])
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (work / "report.html").write_text(render_report(metrics, base, dpo["after_eval"], heldout))
+        save_grid(base, work / "base_grid.png")
+        save_grid(dpo["after_eval"], work / "dpo" / "after_grid.png")
     console.print(f"report: {out / 'report.html'}  ({metrics['seconds']:.0f} s)")
     return metrics
 

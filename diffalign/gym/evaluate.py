@@ -1,0 +1,103 @@
+"""Measure a model family against the gold checker: sample images for shapes-world prompts and read them back.
+
+Samples with `diffalign.infer.generate.sample_images` (the family interface only), so it works for any family and
+for a family with a LoRA adapter loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffalign.gym.gold import gold_check
+from diffalign.gym.world import ATTRIBUTES
+from diffalign.infer.generate import sample_images, sampling_settings
+
+ProxyReward = Callable[[Tensor, list[str]], Tensor]
+"""A reward: images [B, 3, H, W] in [0, 1] and prompts -> scores [B]."""
+
+
+def repeat_prompts(prompts: Sequence[str], num_samples: int) -> list[str]:
+    """`num_samples` prompts cycling through `prompts` (each prompt gets num_samples / len(prompts) samples, +-1)."""
+    if not prompts:
+        raise ValueError("evaluate: no prompts given")
+    return [prompts[i % len(prompts)] for i in range(num_samples)]
+
+
+def mean_and_se(values: Tensor) -> tuple[float, float]:
+    """Mean of `values` and its standard error (sample std / sqrt(n); 0 for n < 2)."""
+    values = values.double().flatten()
+    n = values.numel()
+    se = values.std().item() / math.sqrt(n) if n > 1 else 0.0
+    return values.mean().item(), se
+
+
+def image_seeds(seed: int, num_samples: int) -> list[int]:
+    """One seed per image for an evaluation run with `seed`: runs with different seeds share no image seed."""
+    return [seed * 1_000_003 + i for i in range(num_samples)]
+
+
+def summarize(images: Tensor, prompts: Sequence[str], proxy: ProxyReward | None = None) -> dict[str, Any]:
+    """Gold metrics of given images: n, per-attribute accuracy, all_correct, gold_score (each with `<name>_se`), and
+    proxy_score(_se) when a proxy reward is given. Also the per-image 'gold' (score [N]) and 'proxy' ([N] or None)."""
+    check = gold_check(images, prompts)
+    metrics: dict[str, Any] = {"n": len(prompts)}
+    gold = torch.stack([check[a].float() for a in ATTRIBUTES]).mean(dim=0)
+    for name, values in [
+        *((a, check[a].float()) for a in ATTRIBUTES),
+        ("all_correct", check["all_correct"].float()),
+        ("gold_score", gold),
+    ]:
+        metrics[name], metrics[f"{name}_se"] = mean_and_se(values)
+    proxy_scores = None
+    if proxy is not None:
+        proxy_scores = torch.as_tensor(proxy(images, list(prompts))).detach().float().cpu().flatten()
+        metrics["proxy_score"], metrics["proxy_score_se"] = mean_and_se(proxy_scores)
+    metrics["gold"], metrics["proxy"] = gold, proxy_scores
+    return metrics
+
+
+def evaluate(
+    family: Any,
+    prompts: Sequence[str],
+    num_samples: int,
+    seed: int = 0,
+    *,
+    proxy: ProxyReward | None = None,
+    batch_size: int = 64,
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+    eta: float | None = None,
+    return_images: bool = False,
+) -> dict[str, Any]:
+    """Sample `num_samples` images cycling over `prompts` and score them with the gold checker (and `proxy`).
+
+    Sampling uses `family.sampling_defaults` (num_steps, guidance_scale, eta) unless overridden; results are
+    deterministic in `seed` and do not depend on `batch_size` (one seed per image). Returns a dict of floats:
+        n, background, colour, shape (per-attribute accuracy), all_correct (all three right), gold_score (mean of the
+        three), each with a standard error `<name>_se`; proxy_score and proxy_score_se when `proxy` is given;
+        settings: the sampling settings used.
+    With `return_images`, also: images [N, 3, H, W] in [0, 1], prompts [N], gold [N] (per-image gold score) and
+    proxy [N] (per-image proxy score, or None).
+    """
+    prompts = repeat_prompts(prompts, num_samples)
+    settings = sampling_settings(family, num_steps, guidance_scale, eta)
+    images = sample_images(
+        family,
+        prompts,
+        image_seeds(seed, num_samples),
+        batch_size=batch_size,
+        num_steps=settings["num_steps"],
+        guidance_scale=settings["guidance_scale"],
+        eta=settings["eta"],
+    ).float()
+    metrics = summarize(images, prompts, proxy)
+    metrics["settings"] = settings
+    per_image = {"gold": metrics.pop("gold"), "proxy": metrics.pop("proxy")}
+    if return_images:
+        metrics.update(images=images, prompts=prompts, **per_image)
+    return metrics

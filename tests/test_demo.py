@@ -1,0 +1,85 @@
+"""`diffalign demo` on the bundled toy world: a small end-to-end run writes the report with every section."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from clitools import run_cli
+from PIL import Image
+
+from diffalign.gym import demo
+from diffalign.gym.world import heldout_prompts, train_prompts
+
+SMALL = demo.DemoSettings(
+    eval_samples=18, pairs_repeats=1, images_per_prompt=2, dpo_steps=4, validation_every=2, validation_images=1
+)
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    reset_accelerate()
+    try:
+        metrics = demo.run_demo(out, settings=SMALL)
+    finally:
+        reset_accelerate()
+    return out, metrics
+
+
+def test_demo_writes_report_metrics_and_grids(demo_run):
+    out, metrics = demo_run
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["settings"]["eval_samples"] == 18 and saved["seconds"] > 0
+    for result in (saved["base"], saved["dpo"]["after"]):
+        assert result["n"] == 18
+        for key in ("all_correct", "background", "colour", "shape", "proxy_score"):
+            assert isinstance(result[key], float)
+    assert saved["dpo"]["pairs"] + saved["dpo"]["ties"] == len(train_prompts())  # one best-vs-worst pair per prompt
+    curves = saved["dpo"]["curves"]
+    assert [step for step, _ in curves["proxy"]] == [2, 4]  # validation every 2 of 4 steps
+    assert len(curves["gold_all_correct"]) == 2 and len(curves["loss"]) >= 1
+    for grid in (out / "base_grid.png", out / "dpo" / "after_grid.png"):
+        assert Image.open(grid).size[0] > 32
+    assert (out / "dpo" / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+
+def test_demo_report_has_every_section(demo_run):
+    out, metrics = demo_run
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    for section in ("<h2>Summary</h2>", "<h2>Base model</h2>", "<h2>Diffusion-DPO</h2>"):
+        assert section in html
+    for chart in ("held-out proxy reward during training", "held-out gold accuracy during training"):
+        assert chart in html
+    assert html.count("<svg") >= 3 and html.count("data:image/png;base64,") >= 2 * 18
+    assert all(prompt in html for prompt in heldout_prompts())
+    assert f"{metrics['base']['all_correct']:.3f}" in html
+
+
+def test_a_failed_demo_keeps_the_previous_report(demo_run, monkeypatch):
+    out, _ = demo_run
+    before = (out / "report.html").read_text()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(demo, "dpo_section", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        demo.run_demo(out, settings=SMALL)
+    assert (out / "report.html").read_text() == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_demo_command_help_lists_quick():
+    result = run_cli("demo", "--help")
+    assert result.returncode == 0 and "--quick" in result.stdout

@@ -45,8 +45,8 @@ def test_demo_writes_report_metrics_and_grids(demo_run):
             assert isinstance(result[key], float)
     assert saved["dpo"]["pairs"] + saved["dpo"]["ties"] == len(train_prompts())  # one best-vs-worst pair per prompt
     curves = saved["dpo"]["curves"]
-    assert [step for step, _ in curves["proxy"]] == [2, 4]  # validation every 2 of 4 steps
-    assert len(curves["gold_all_correct"]) == 2 and len(curves["loss"]) >= 1
+    assert [step for step, _ in curves["proxy"]] == [0, 2, 4]  # before training, then every 2 of 4 steps
+    assert len(curves["gold_all_correct"]) == 3 and len(curves["loss"]) >= 1
     for grid in (out / "base_grid.png", out / "dpo" / "after_grid.png"):
         assert Image.open(grid).size[0] > 32
     assert (out / "dpo" / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -153,7 +153,7 @@ def train_command(config: Path, *overrides: str) -> list[str]:
 def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(pairs_file, tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text(
-        f"model:\n  name: tiny-sd\ndata:\n  source: {pairs_file}\n  empty_prompt_fraction: 0.3\n"
+        f"model:\n  name: toy\ndata:\n  source: {pairs_file}\n  empty_prompt_fraction: 0.3\n"
         "batch_size: 2\nmax_steps: 40\ncheckpoint_every: 4\nlog_every: 1\nreport_to: none\n"
         "optim:\n  lr: 1.0e-3\ndpo:\n  beta: 500\n"
     )

@@ -93,7 +93,7 @@ def measure(family, prompts: list[str], num_samples: int, seed: int, proxy) -> d
     """Gold and proxy metrics of `num_samples` samples over `prompts` (images kept for the report)."""
     from diffalign.gym.evaluate import evaluate
 
-    return evaluate(family, prompts, num_samples, seed, proxy=proxy, return_images=True)
+    return evaluate(family, prompts, num_samples, seed, proxy=proxy, return_images=True, progress=True)
 
 
 def strip(result: dict[str, Any]) -> dict[str, Any]:

@@ -73,6 +73,7 @@ def evaluate(
     guidance_scale: float | None = None,
     eta: float | None = None,
     return_images: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Sample `num_samples` images cycling over `prompts` and score them with the gold checker (and `proxy`).
 
@@ -82,7 +83,7 @@ def evaluate(
         three), each with a standard error `<name>_se`; proxy_score and proxy_score_se when `proxy` is given;
         settings: the sampling settings used.
     With `return_images`, also: images [N, 3, H, W] in [0, 1], prompts [N], gold [N] (per-image gold score) and
-    proxy [N] (per-image proxy score, or None).
+    proxy [N] (per-image proxy score, or None). `progress` shows a progress bar while sampling.
     """
     prompts = repeat_prompts(prompts, num_samples)
     settings = sampling_settings(family, num_steps, guidance_scale, eta)
@@ -94,6 +95,7 @@ def evaluate(
         num_steps=settings["num_steps"],
         guidance_scale=settings["guidance_scale"],
         eta=settings["eta"],
+        progress=progress,
     ).float()
     metrics = summarize(images, prompts, proxy)
     metrics["settings"] = settings

@@ -64,7 +64,7 @@ def load_family(
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(
-            resolved, torch_dtype=DTYPES[dtype], revision=revision, local_files_only=offline()
+            resolved, dtype=DTYPES[dtype], revision=revision, local_files_only=offline()
         )
     pipe.to(device)
     family = family_for_pipeline(pipe)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from diffalign.errors import UserError
@@ -60,3 +63,22 @@ def pipeline_class_name(resolved: str) -> str | None:
     if not index.is_file():
         return None
     return json.loads(index.read_text()).get("_class_name")
+
+
+@contextlib.contextmanager
+def quiet_hf_logs(*libraries: str) -> Iterator[None]:
+    """Silence the load reports, warnings and progress bars of `libraries` ("transformers", "diffusers") for the
+    duration of the block (restored afterwards): for loads whose messages say nothing the user can act on."""
+    saved = []
+    for name in libraries:
+        logging = importlib.import_module(f"{name}.utils.logging")
+        saved.append((logging, logging.get_verbosity(), logging.is_progress_bar_enabled()))
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for logging, verbosity, bars in saved:
+            logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()

@@ -18,24 +18,16 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
 from diffalign.config import TrainConfig, load_config
 from diffalign.data.make_pairs import make_pairs
 from diffalign.gym.demo import PROXY, TOY_DPO_CONFIG
-from diffalign.gym.evaluate import evaluate
+from diffalign.gym.evaluate import evaluate, paired_gain
 from diffalign.gym.world import heldout_prompts, train_prompts
 from diffalign.models import load_family
 from diffalign.rewards import load_reward
 from diffalign.train.dpo import train
 
 EVAL_SEED = 10_000
-
-
-def per_image(result: dict) -> dict[str, torch.Tensor]:
-    """Per-image all-correct (gold score == 1), gold score (mean attributes) and proxy score."""
-    gold = result["gold"].double()
-    return {"all_correct": (gold > 1 - 1e-6).double(), "gold_score": gold, "proxy": result["proxy"].double()}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -77,7 +69,7 @@ def main() -> None:
     family = load_family("toy")
     proxy = load_reward(PROXY)
     heldout = heldout_prompts()
-    base = per_image(evaluate(family, heldout, args.eval_samples, EVAL_SEED, proxy=proxy, return_images=True))
+    base = evaluate(family, heldout, args.eval_samples, EVAL_SEED, proxy=proxy, return_images=True)
     runs = []
     for seed in args.seeds:
         cfg = load_config(
@@ -96,17 +88,9 @@ def main() -> None:
         lora = train(cfg)
         reset_accelerate()
         family.load_lora(lora, adapter_name=f"seed{seed}")
-        after = per_image(evaluate(family, heldout, args.eval_samples, EVAL_SEED, proxy=proxy, return_images=True))
+        after = evaluate(family, heldout, args.eval_samples, EVAL_SEED, proxy=proxy, return_images=True)
         family.pipe.unload_lora_weights()
-        run = {"seed": seed}
-        for key in ("all_correct", "gold_score", "proxy"):
-            diff = after[key] - base[key]
-            run[key] = {
-                "before": base[key].mean().item(),
-                "after": after[key].mean().item(),
-                "gain": diff.mean().item(),
-                "paired_se": (diff.std() / math.sqrt(len(diff))).item(),
-            }
+        run = {"seed": seed, **paired_gain(base, after)}
         runs.append(run)
         print(json.dumps(run), flush=True)
 

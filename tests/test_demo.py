@@ -43,6 +43,9 @@ def test_demo_writes_report_metrics_and_grids(demo_run):
         assert result["n"] == 18
         for key in ("all_correct", "background", "colour", "shape", "proxy_score"):
             assert isinstance(result[key], float)
+    gain = saved["dpo"]["gain"]["all_correct"]
+    assert gain["gain"] == pytest.approx(saved["dpo"]["after"]["all_correct"] - saved["base"]["all_correct"])
+    assert gain["paired_se"] >= 0
     assert saved["dpo"]["pairs"] + saved["dpo"]["ties"] == len(train_prompts())  # one best-vs-worst pair per prompt
     curves = saved["dpo"]["curves"]
     assert [step for step, _ in curves["proxy"]] == [0, 2, 4]  # before training, then every 2 of 4 steps

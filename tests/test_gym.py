@@ -185,3 +185,30 @@ def test_proxy_reward_prefers_the_true_caption():
     similarity = torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
     best = [captions[i] for i in similarity.argmax(dim=1).tolist()]
     assert np.mean([b == p for b, p in zip(best, prompts, strict=True)]) >= 0.8
+
+
+def test_paired_gain_uses_the_per_image_differences():
+    from diffalign.gym.evaluate import paired_gain
+
+    prompts = ["a", "b", "c", "d"]
+    before = {"prompts": prompts, "gold": torch.tensor([1, 2 / 3, 1, 0]), "proxy": torch.tensor([1.0, 2, 3, 4])}
+    after = {"prompts": prompts, "gold": torch.tensor([1, 1, 2 / 3, 1]), "proxy": torch.tensor([2.0, 3, 4, 5])}
+    gain = paired_gain(before, after)
+    # all-correct 1,0,1,0 -> 1,1,0,1: differences 0,1,-1,1 (mean 0.25, sample std sqrt(2.75/3))
+    assert gain["all_correct"]["before"] == 0.5 and gain["all_correct"]["after"] == 0.75
+    assert gain["all_correct"]["gain"] == pytest.approx(0.25)
+    assert gain["all_correct"]["paired_se"] == pytest.approx((2.75 / 3) ** 0.5 / 2)
+    assert gain["gold_score"]["gain"] == pytest.approx((0 + 1 / 3 - 1 / 3 + 1) / 4)
+    # the proxy rose by exactly 1 on every image: a paired SE of 0 although both runs spread widely
+    assert gain["proxy"]["gain"] == pytest.approx(1.0) and gain["proxy"]["paired_se"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="different prompts"):
+        paired_gain(before, after | {"prompts": ["a", "b", "c", "e"]})
+    assert "proxy" not in paired_gain(before | {"proxy": None}, after)
+
+
+def test_demo_verdict_names_significance():
+    from diffalign.gym.demo import verdict
+
+    assert "rose by 7.0 points" in verdict(0.07, 0.02, quick=False)
+    assert "fell by 7.0 points" in verdict(-0.07, 0.02, quick=False)
+    assert "within 2 paired SE" in verdict(0.03, 0.02, quick=True) and "full demo" in verdict(0.03, 0.02, quick=True)

@@ -61,6 +61,30 @@ def summarize(images: Tensor, prompts: Sequence[str], proxy: ProxyReward | None 
     return metrics
 
 
+def paired_gain(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Before/after comparison of two `evaluate(..., return_images=True)` results made with the SAME seeds.
+
+    For all_correct (gold score == 1), gold_score (mean attributes) and proxy (when both have proxy scores): the
+    before and after means, the gain and its paired standard error (std of the per-image differences / sqrt(n)),
+    which is much smaller than the unpaired one because both runs start from the same noise.
+    """
+    if list(before["prompts"]) != list(after["prompts"]):
+        raise ValueError("paired_gain: the two evaluations used different prompts")
+    per_image = {
+        "all_correct": lambda r: (r["gold"].double() > 1 - 1e-6).double(),
+        "gold_score": lambda r: r["gold"].double(),
+        "proxy": lambda r: r["proxy"].double(),
+    }
+    result = {}
+    for key, values in per_image.items():
+        if key == "proxy" and (before["proxy"] is None or after["proxy"] is None):
+            continue
+        b, a = values(before), values(after)
+        gain, se = mean_and_se(a - b)
+        result[key] = {"before": b.mean().item(), "after": a.mean().item(), "gain": gain, "paired_se": se}
+    return result
+
+
 def evaluate(
     family: Any,
     prompts: Sequence[str],

@@ -69,7 +69,7 @@ def line_chart(
     series: dict[str, Sequence[tuple[float, float]]],
     title: str,
     x_label: str = "step",
-    width: int = 520,
+    width: int = 560,
     height: int = 260,
 ) -> str:
     """An SVG line chart of named (x, y) series with axes, ticks and a legend."""
@@ -82,7 +82,8 @@ def line_chart(
         y0, y1 = y0 - 0.5, y1 + 0.5
     if x1 == x0:
         x1 = x0 + 1
-    left, right, top, bottom = 50, 130, 28, 36
+    longest_name = max(len(name) for name in series)
+    left, right, top, bottom = 50, 34 + 7 * longest_name, 28, 36  # the legend sits in the right margin
     sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
     sy = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
     svg = [

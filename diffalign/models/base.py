@@ -29,6 +29,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from diffalign.hub import quiet_hf_logs
+
 Cond = dict[str, Tensor]
 
 
@@ -363,4 +365,5 @@ class Family:
 
     def load_lora(self, folder: str | Path, adapter_name: str | None = None) -> None:
         """Load a diffusers-format LoRA folder (ours or any other) into the pipeline with the stock loader."""
-        self.pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
+        with quiet_hf_logs("diffusers"):  # e.g. "no LoRA keys for the text encoder": true of every denoiser-only LoRA
+            self.pipe.load_lora_weights(str(folder), adapter_name=adapter_name)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from diffalign.errors import UserError
+from diffalign.hub import quiet_hf_logs
 from diffalign.rewards.base import Reward
-from diffalign.rewards.encoders import preprocess_from_processor_config, quiet_transformers
+from diffalign.rewards.encoders import preprocess_from_processor_config
 from diffalign.rewards.heads import head_from_state_dict
 from diffalign.rewards.weights import load_checkpoint, optional_file, read_json, resolve_file, resolve_pretrained
 
@@ -36,7 +37,7 @@ class AestheticReward(Reward):
         head_path = resolve_file(head, AESTHETIC_HEAD_FILE, self.name, "head")
         self.head = head_from_state_dict(load_checkpoint(head_path, self.name), "", self.name)
         clip_path = resolve_pretrained(clip, self.name, "clip")
-        with quiet_transformers():  # the text tower's weights are in the file but not loaded: no report
+        with quiet_hf_logs("transformers"):  # the text tower's weights are in the file but not loaded: no report
             config = CLIPConfig.from_pretrained(clip_path)
             config.vision_config.projection_dim = config.projection_dim
             self.vision = CLIPVisionModelWithProjection.from_pretrained(clip_path, config=config.vision_config)

@@ -8,34 +8,17 @@ gradients reach the pixels. transformers and open_clip are imported only when an
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor, nn
 
 from diffalign.errors import UserError
+from diffalign.hub import quiet_hf_logs
 from diffalign.rewards.base import CLIP_MEAN, CLIP_STD, Preprocess
 from diffalign.rewards.weights import optional_file, read_json, resolve_pretrained
 
 RESAMPLE_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 """PIL resample codes in processor configs -> torch interpolation modes (LANCZOS has no torch equivalent)."""
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports and progress bars while a reward loads (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -80,7 +63,7 @@ class HFClip(nn.Module):
             if processor == model
             else resolve_pretrained(processor, what, "processor", marker="tokenizer_config.json")
         )
-        with quiet_transformers():
+        with quiet_hf_logs("transformers"):
             self.model = CLIPModel.from_pretrained(model_path)
             self.tokenizer = AutoTokenizer.from_pretrained(processor_path)
         text_positions = self.model.config.text_config.max_position_embeddings

@@ -179,10 +179,9 @@ def pairs(
     """Make AI-feedback preference pairs: generate, score with a reward, keep best vs worst. Resumable; split across
     processes under `accelerate launch -m diffalign pairs ...`."""
     from diffalign.data.prompts import read_prompts
-
-    texts = read_prompts(prompts)
     from diffalign.hub import resolve_model
 
+    texts = read_prompts(prompts)  # bad prompts or an unavailable model fail here, before torch is imported
     resolve_model(model)
     from diffalign.data.make_pairs import make_pairs
 

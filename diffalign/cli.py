@@ -231,3 +231,13 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Leave the torch.distributed process group a command joined under `accelerate launch`, if any. A rank that
+    exits while still in it can abort in gloo's thread teardown ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch: fast errors stay fast
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -10,7 +10,6 @@ Add a bench: write a function printing its figures and register it in BENCHES.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -32,43 +31,17 @@ SCORE_WORDS = "a photo of red green blue circle square triangle on white black b
 def write_bench_clip(folder: Path) -> Path:
     """A small CLIP (ViT 384 wide, 6 layers, patch 16, 224 px input) saved like a hub model, random weights."""
     import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from diffalign.models.tokenizers import write_clip_tokenizer
+    from diffalign.models.tiny import clip_model, clip_tokenizer, save_clip_folder
+    from diffalign.rewards.base import CLIP_MEAN, CLIP_STD
 
-    write_clip_tokenizer(folder, SCORE_WORDS)
-    tok = CLIPTokenizer.from_pretrained(folder)
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    vision = dict(  # ViT-S/16-sized (6 of its 12 layers): still ~20x lighter than the ViT-L/H of real rewards
-        hidden_size=384,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        image_size=224,
-        patch_size=16,
-    )
+    tokenizer = clip_tokenizer(SCORE_WORDS)
     torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)).save_pretrained(folder)
-    processor = {
-        "image_processor_type": "CLIPImageProcessor",
-        "size": {"shortest_edge": 224},
-        "crop_size": {"height": 224, "width": 224},
-        "resample": 3,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-    }
-    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
-    return folder
+    # ViT-S/16-sized vision tower (6 of its 12 layers): still ~20x lighter than the ViT-L/H of real rewards
+    model = clip_model(
+        tokenizer, text=(128, 2, 2), vision=(384, 6, 6), image_size=224, patch_size=16, projection_dim=128, mlp_ratio=4
+    )
+    return save_clip_folder(folder, model, tokenizer, 224, CLIP_MEAN, CLIP_STD)
 
 
 def write_bench_images(folder: Path, count: int, size: int) -> list[Path]:

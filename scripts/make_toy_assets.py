@@ -236,22 +236,9 @@ def train_vae(budget: Budget, seed: int):
 # ----------------------------------------------------------------------------------------------------- train_denoiser
 def build_text_encoder(tokenizer):
     """CLIPTextModel, hidden 64, 2 layers."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffalign.models.tiny import clip_text_model
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TEXT_TOKENS,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_act="gelu",
-        )
-    )
+    return clip_text_model(tokenizer, hidden=64, layers=2, heads=4)
 
 
 def build_unet():
@@ -395,31 +382,17 @@ def choose_sampling(family, budget: Budget, seed: int) -> tuple[dict, list[dict]
 # ------------------------------------------------------------------------------------------------------- train_reward
 def build_reward_model(tokenizer):
     """A tiny transformers CLIPModel: ViT 32x32 with 4x4 patches, hidden 64, 2+2 layers, projection 64."""
-    from transformers import CLIPConfig, CLIPModel
+    from diffalign.models.tiny import clip_model
 
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": MAX_TEXT_TOKENS,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "hidden_act": "gelu",
-    }
-    vision = {
-        "image_size": world.RESOLUTION,
-        "patch_size": 4,
-        "num_channels": 3,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "hidden_act": "gelu",
-    }
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
+    return clip_model(
+        tokenizer,
+        text=(64, 2, 4),
+        vision=(64, 2, 4),
+        image_size=world.RESOLUTION,
+        patch_size=4,
+        projection_dim=64,
+        hidden_act="gelu",
+    )
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -588,16 +561,9 @@ def save_model(pipe, settings: dict, folder: Path) -> None:
 
 def save_reward(model, tokenizer, folder: Path) -> None:
     """CLIPModel + tokenizer + preprocessor_config.json (size 32, the mean/std it was trained with)."""
-    from transformers import CLIPImageProcessor
+    from diffalign.models.tiny import save_clip_folder
 
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(
-        size={"shortest_edge": world.RESOLUTION},
-        crop_size={"height": world.RESOLUTION, "width": world.RESOLUTION},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    ).save_pretrained(folder)
+    save_clip_folder(folder, model, tokenizer, world.RESOLUTION, CLIP_MEAN, CLIP_STD)
 
 
 def write_report(out: Path, report: dict) -> None:

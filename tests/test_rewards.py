@@ -38,49 +38,19 @@ def write_tiny_clip(
     std=(0.27, 0.26, 0.28),
 ) -> Path:
     """A transformers CLIPModel folder (save_pretrained) + CLIP BPE tokenizer + preprocessor_config.json."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from diffalign.models.tiny import clip_model, clip_tokenizer, save_clip_folder
 
-    from diffalign.models.tokenizers import write_clip_tokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    write_clip_tokenizer(folder, WORDS)
-    tok = CLIPTokenizer.from_pretrained(folder)
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+    tokenizer = clip_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    model = clip_model(
+        tokenizer,
+        text=(32, 2, 2),
+        vision=(32, 2, 2),
         image_size=image_size,
         patch_size=8,
+        projection_dim=projection_dim,
     )
-    torch.manual_seed(seed)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)).save_pretrained(folder)
-    processor = {
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": True,
-        "do_center_crop": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "resample": 3,
-        "size": {"shortest_edge": image_size},
-        "crop_size": {"height": image_size, "width": image_size},
-        "image_mean": list(mean),
-        "image_std": list(std),
-    }
-    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
-    return folder
+    return save_clip_folder(folder, model, tokenizer, image_size, mean, std)
 
 
 def write_open_clip_arch(folder: Path) -> Path:
@@ -221,8 +191,9 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     pick_processor = write_tiny_clip(root / "pick_processor", seed=8, mean=CLIP_MEAN, std=CLIP_STD)
     pick_model = root / "pick_model"
     write_tiny_clip(pick_model, seed=9)
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "preprocessor_config.json"):
-        (pick_model / name).unlink()  # the model repo has weights only; the processor comes from elsewhere
+    for file in pick_model.iterdir():  # the model repo has weights only; the processor comes from elsewhere
+        if file.name not in ("config.json", "model.safetensors"):
+            file.unlink()
     return {
         "clip": write_tiny_clip(root / "clip", seed=0),
         "open_clip_arch": arch,

@@ -56,10 +56,63 @@ def clip_text_model(tokenizer, hidden: int = 32, layers: int = 2, projection: in
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        projection_dim=projection or hidden,
         hidden_act="gelu",
+        **({"projection_dim": projection} if projection else {}),
     )
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def clip_model(
+    tokenizer,
+    *,
+    text: tuple[int, int, int],
+    vision: tuple[int, int, int],
+    image_size: int,
+    patch_size: int,
+    projection_dim: int,
+    mlp_ratio: int = 2,
+    hidden_act: str = "quick_gelu",
+):
+    """A transformers CLIPModel for `tokenizer`; `text` and `vision` give each tower's (width, layers, heads)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    def tower(width: int, layers: int, heads: int) -> dict:
+        return {
+            "hidden_size": width,
+            "intermediate_size": width * mlp_ratio,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "hidden_act": hidden_act,
+        }
+
+    text_config = tower(*text) | {
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": tokenizer.model_max_length,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision_config = tower(*vision) | {"image_size": image_size, "patch_size": patch_size, "num_channels": 3}
+    return CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection_dim))
+
+
+def save_clip_folder(folder, model, tokenizer, image_size: int, mean: Iterable[float], std: Iterable[float]):
+    """Save a CLIPModel like a hub repository: weights, tokenizer and the preprocessor_config.json of a
+    CLIPImageProcessor (bicubic resize of the shortest edge to `image_size`, centre crop, normalise by mean/std)."""
+    from pathlib import Path
+
+    from transformers import CLIPImageProcessor
+
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(mean),
+        image_std=list(std),
+    ).save_pretrained(folder)
+    return folder
 
 
 def t5_encoder(tokenizer, d_model: int = 64, layers: int = 2):

@@ -183,19 +183,14 @@ def setup(args: argparse.Namespace) -> tuple[Path, Budget, Path]:
 # ---------------------------------------------------------------------------------------------------------- train_vae
 def build_vae():
     """AutoencoderKL 32x32x3 <-> 8x8x8, no attention: ~0.5M parameters."""
-    from diffusers import AutoencoderKL
+    from diffalign.models import tiny
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3,
-        block_out_channels=[16, 32, 64],
-        layers_per_block=1,
+    return tiny.vae(
         latent_channels=8,
-        sample_size=world.RESOLUTION,
+        block_out_channels=(16, 32, 64),
         norm_num_groups=16,
-        mid_block_add_attention=False,
+        mid_attention=False,
+        sample_size=world.RESOLUTION,
     )
 
 
@@ -243,35 +238,23 @@ def build_text_encoder(tokenizer):
 
 def build_unet():
     """UNet2DConditionModel on 8x8x8 latents, blocks (64, 64) both with cross-attention (dim 64)."""
-    from diffusers import UNet2DConditionModel
+    from diffalign.models import tiny
 
-    return UNet2DConditionModel(
-        sample_size=world.RESOLUTION // 4,
-        in_channels=8,
-        out_channels=8,
-        layers_per_block=1,
+    return tiny.unet(
+        cross_attention_dim=64,
         block_out_channels=(64, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=32,
+        latent_channels=8,
+        sample_size=world.RESOLUTION // 4,
     )
 
 
 def build_scheduler():
     """SD's DDIM scheduler (scaled-linear betas), with clip_sample=False (our latents are not in [-1, 1])."""
-    from diffusers import DDIMScheduler
+    from diffalign.models import tiny
 
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    return tiny.ddim_scheduler()
 
 
 def build_pipeline(vae, text_encoder, tokenizer, unet):

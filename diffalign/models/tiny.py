@@ -139,7 +139,11 @@ def vae(
     scaling_factor: float = 0.18215,
     shift_factor: float | None = None,
     quant_conv: bool = True,
+    norm_num_groups: int | None = None,
+    mid_attention: bool = True,
+    sample_size: int = TINY_RESOLUTION,
 ):
+    """An AutoencoderKL with one resnet per block; `len(block_out_channels) - 1` halvings of the resolution."""
     from diffusers import AutoencoderKL
 
     n = len(block_out_channels)
@@ -151,8 +155,9 @@ def vae(
         block_out_channels=list(block_out_channels),
         layers_per_block=1,
         latent_channels=latent_channels,
-        sample_size=TINY_RESOLUTION,
-        norm_num_groups=min(32, block_out_channels[0]),
+        sample_size=sample_size,
+        norm_num_groups=norm_num_groups or min(32, block_out_channels[0]),
+        mid_block_add_attention=mid_attention,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
         use_quant_conv=quant_conv,
@@ -174,29 +179,46 @@ def ddim_scheduler(prediction_type: str = "epsilon"):
     )
 
 
+def unet(
+    cross_attention_dim: int,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    latent_channels: int = 4,
+    sample_size: int = TINY_RESOLUTION // 2,
+    attention_head_dim=8,
+    **extra,
+):
+    """A UNet2DConditionModel with one layer per block (SD-style; `extra` adds e.g. SDXL's text_time embedding)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        layers_per_block=1,
+        block_out_channels=block_out_channels,
+        down_block_types=down_block_types,
+        up_block_types=up_block_types,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=32,
+        **extra,
+    )
+
+
 def build_tiny_sd(seed: int = 0, prediction_type: str = "epsilon"):
     """StableDiffusionPipeline: UNet (32, 64), VAE (32, 64), 2-layer CLIP text encoder, DDIM."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    denoiser = unet(cross_attention_dim=32)
     return StableDiffusionPipeline(
         vae=vae(),
         text_encoder=clip_text_model(tokenizer),
         tokenizer=tokenizer,
-        unet=unet,
+        unet=denoiser,
         scheduler=ddim_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
@@ -211,18 +233,11 @@ def build_tiny_sd_v(seed: int = 0):
 
 def build_tiny_sdxl(seed: int = 0):
     """StableDiffusionXLPipeline: two CLIP encoders (32 + 32 -> cross-attention 64), text_time embedding."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    denoiser = unet(
         cross_attention_dim=64,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
@@ -230,7 +245,6 @@ def build_tiny_sdxl(seed: int = 0):
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,
-        norm_num_groups=32,
     )
     return StableDiffusionXLPipeline(
         vae=vae(scaling_factor=0.13025),
@@ -238,7 +252,7 @@ def build_tiny_sdxl(seed: int = 0):
         tokenizer=tokenizer,
         text_encoder_2=clip_text_model(tokenizer, projection=32),
         tokenizer_2=tokenizer,
-        unet=unet,
+        unet=denoiser,
         scheduler=ddim_scheduler(),
     )
 

@@ -78,6 +78,7 @@ class DataConfig:
     random_crop: bool = False
     max_pairs: int | None = None
     num_workers: int = 0
+    """Decoding workers: DataLoader processes for a map-style table; threads for a stream (read once, in order)."""
     cache_dir: str | None = None
     """If set, VAE latents and prompt embeddings are pre-computed into this folder and reused."""
 

@@ -11,7 +11,7 @@ from pairdata import write_parquet
 
 from diffalign.config import DataConfig, DPOConfig
 from diffalign.data.cache import CachedPairDataset, build_cache, cache_is_valid, cache_key
-from diffalign.data.loader import pair_model_inputs
+from diffalign.data.loader import PairBatches, pair_model_inputs
 from diffalign.data.pairs import (
     EpochSampler,
     PairChoices,
@@ -85,6 +85,41 @@ def test_transform_resizes_crops_and_flips_both_images_alike():
     assert ta.tolist() == [40, 60, 0, 8, 32, 32]  # original size, centre-crop offset (48-32)//2, target size
     (d,), (td,) = PairTransform(32, random_crop=True)([image], PairChoices(0.0, 1.0, flip=False, empty_caption=False))
     assert td.tolist()[2:4] == [0, 16]
+
+
+def stream_batches(path, count: int, position: int = 0, rank: int = 0, world: int = 1, **options) -> list[dict]:
+    cfg = data_cfg(path, streaming=True, **options)
+    batches = PairBatches(
+        cfg, None, model_name="-", model_path="-", resolution=32, batch_size=2, seed=4,
+        position=position, rank=rank, world=world,
+    )  # fmt: skip
+    return [next(batches) for _ in range(count)]
+
+
+def assert_same_batches(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a["row"].tolist() == b["row"].tolist() and a["caption"] == b["caption"]
+        assert torch.equal(a["pixels_w"], b["pixels_w"]) and torch.equal(a["pixels_l"], b["pixels_l"])
+        assert a["skipped"] == b["skipped"]
+
+
+def test_stream_decoded_on_threads_gives_the_same_batches_and_skips_the_bad_pair(tmp_path):
+    path = write_parquet(tmp_path / "pairs.parquet", 12, corrupt_rows=[5])
+    inline = stream_batches(path, 8)
+    rows = [r for batch in inline for r in batch["row"].tolist()]
+    assert rows[:11] == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11] and rows[11:14] == [0, 1, 2]  # in order, then epoch 2
+    assert sum(batch["skipped"] for batch in inline) == 1
+    assert_same_batches(stream_batches(path, 8, num_workers=3), inline)
+
+
+def test_stream_resumes_at_the_same_pair_and_splits_ranks(tmp_path):
+    path = write_parquet(tmp_path / "pairs.parquet", 12, corrupt_rows=[5])
+    full = stream_batches(path, 7, num_workers=2)
+    position = sum(len(batch["row"]) + batch["skipped"] for batch in full[:3])  # what PairBatches.advance adds up
+    assert_same_batches(stream_batches(path, 4, position=position, num_workers=2), full[3:])
+    ranks = [[r for b in stream_batches(path, 3, rank=r, world=2) for r in b["row"].tolist()] for r in (0, 1)]
+    assert ranks == [[0, 2, 4, 6, 8, 10], [1, 3, 7, 9, 11, 1]]  # every 2nd usable row; row 5 skipped on rank 1
 
 
 def test_epoch_sampler_shards_ranks_and_resumes():

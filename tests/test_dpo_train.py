@@ -117,6 +117,19 @@ def test_gradient_accumulation_counts_optimizer_steps(pairs_file, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
+def test_streamed_run_resumed_from_a_checkpoint_equals_an_uninterrupted_one(pairs_file, tmp_path):
+    def run(out, *extra):
+        stream = ["data.streaming=true", "data.num_workers=2", "validation.prompts=[]", "max_steps=4", *extra]
+        train_in_process([*base_overrides("sd", pairs_file, out), *stream])
+        return json.loads((out / "summary.json").read_text())
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "resumed", "max_steps=2")  # stops after checkpoint-2
+    resumed = run(tmp_path / "resumed", "resume=auto")
+    assert straight["skipped_pairs"] == 1  # the stream reached the corrupt row 5 (12 rows, 4 steps of 2 pairs)
+    assert resumed["rank_weight_sha256"] == straight["rank_weight_sha256"]
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(pairs_file, tmp_path):
     out = tmp_path / "nan"
     overrides = [

@@ -42,7 +42,7 @@ class PairBatches:
                 from diffalign.errors import UserError
 
                 raise UserError("data.cache_dir cannot be combined with data.streaming: true")
-            dataset: Any = PairStream(table, cfg, resolution, seed, rank, world, skip=position)
+            dataset: Any = PairStream(table, cfg, resolution, seed, rank, world, skip=position, threads=cfg.num_workers)
             sampler = None
         else:
             rows = usable_rows(table, cfg)
@@ -63,9 +63,9 @@ class PairBatches:
             batch_size=batch_size,
             sampler=sampler,
             collate_fn=collate_pairs,
-            num_workers=cfg.num_workers,
+            num_workers=0 if cfg.streaming else cfg.num_workers,  # a stream is read here, decoded on threads
             generator=torch.Generator(),  # never draw from the global RNG: resumed runs must match bit for bit
-            persistent_workers=cfg.num_workers > 0,
+            persistent_workers=not cfg.streaming and cfg.num_workers > 0,
         )
         self._iter: Iterator | None = None
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import io
 import logging
 import random
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,16 +231,44 @@ def make_pair(
 
 class PairStream(torch.utils.data.IterableDataset):
     """Streaming: rows in stream order, rank r of W taking every W-th usable row, starting after `skip` of its own.
-    Undecodable pairs are skipped (counted in the next item's `skipped`)."""
+    Undecodable pairs are skipped (counted in the next item's `skipped`). The stream is read once, in order, by the
+    process that iterates this; `threads` > 0 decode and transform pairs on that many threads (Pillow and torch
+    release the GIL), so the items and their order are the same for any number of threads."""
 
     def __init__(
-        self, table, cfg: DataConfig, resolution: int, seed: int, rank: int = 0, world: int = 1, skip: int = 0
+        self,
+        table,
+        cfg: DataConfig,
+        resolution: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        skip: int = 0,
+        threads: int = 0,
     ):
         self.table, self.cfg, self.seed, self.rank, self.world, self.skip = table, cfg, seed, rank, world, skip
+        self.threads = threads
         self.transform = PairTransform(resolution, cfg.random_crop)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        taken = skipped = 0
+        if torch.utils.data.get_worker_info() is not None:
+            # datasets shards a stream by worker process, which would break the order (and the resume position)
+            raise RuntimeError("PairStream is read in the main process; decode with `threads`, not DataLoader workers")
+        skipped = 0
+        for item in ordered_map(self._decode, self._my_records(), self.threads):
+            if item is None:
+                skipped += 1
+                continue
+            item["skipped"], skipped = skipped, 0
+            yield item
+
+    def _decode(self, task: tuple[int, int, dict[str, Any]]) -> dict[str, Any] | None:
+        epoch, row, record = task
+        return make_pair(record, row, epoch, self.cfg, self.transform, self.seed, None)
+
+    def _my_records(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """(epoch, row, record) of this rank's usable rows, endlessly, after the first `skip`."""
+        taken = 0
         for epoch in range(1 << 30):
             usable = 0
             for row, record in enumerate(self.table):
@@ -251,16 +281,25 @@ class PairStream(torch.utils.data.IterableDataset):
                 if (usable - 1) % self.world != self.rank:
                     continue
                 taken += 1
-                if taken <= self.skip:
-                    continue
-                item = make_pair(record, row, epoch, self.cfg, self.transform, self.seed, None)
-                if item is None:
-                    skipped += 1
-                    continue
-                item["skipped"], skipped = skipped, 0
-                yield item
+                if taken > self.skip:
+                    yield epoch, row, record
             if usable == 0:
                 raise UserError(f"data: no usable pairs in {self.cfg.source}")
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterator[Any], threads: int) -> Iterator[Any]:
+    """`map(fn, items)` in order, computed on `threads` threads at most 2 x `threads` items ahead (0 = inline)."""
+    if threads <= 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -87,6 +87,33 @@ def test_recipe_runs_on_every_family_and_its_lora_loads_in_a_stock_pipeline(kind
     assert (tuned - base).abs().max() > 1e-5
 
 
+@pytest.mark.parametrize("name,kind", [("sd15", "sd"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux", "flux")])
+def test_shipped_config_runs_on_cpu_with_the_tiny_model_of_its_family(name, kind, pairs_file, tmp_path):
+    """Everything a real config turns on (half-precision frozen parts, bf16 autocast, gradient checkpointing,
+    streaming decoded on threads, its optimizer) runs here; only model, data and sizes are swapped."""
+    config = Path(__file__).parents[1] / "configs" / "dpo" / f"{name}.yaml"
+    command = (
+        f"# accelerate launch --config_file configs/accelerate/ddp.yaml -m diffalign train configs/dpo/{name}.yaml"
+    )
+    assert config.read_text().splitlines()[0] == command
+    out = tmp_path / name
+    from diffalign.train.dpo import train
+
+    cfg = load_config(TrainConfig, config, [
+        f"model.name=tiny-{kind}", "model.resolution=32", f"data.source={pairs_file}", f"output_dir={out}",
+        "max_steps=2", "batch_size=2", "gradient_accumulation_steps=1", "report_to=none",
+        "validation.prompts=[a red circle]", "validation.every=2", "validation.reward=toy-clip",
+    ])  # fmt: skip
+    assert cfg.data.streaming and cfg.gradient_checkpointing and cfg.mixed_precision == "bf16"
+    reset_accelerate()
+    try:
+        assert train(cfg) == out / "lora"
+    finally:
+        reset_accelerate()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 2 and (out / "validation" / "step-000002.png").is_file()
+
+
 def test_full_finetune_saves_the_denoiser(pairs_file, tmp_path):
     out = tmp_path / "full"
     final = train_in_process(

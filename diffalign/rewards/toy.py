@@ -61,6 +61,4 @@ class ToyGoldReward(Reward):
         try:
             return gold_score(images.detach().float(), prompts).float()
         except ValueError as e:
-            raise UserError(
-                f"toy-gold: {e} (prompts must be shapes-world captions, e.g. 'a red circle on a white background')"
-            ) from e
+            raise UserError(f"toy-gold: {e}") from e

@@ -31,12 +31,12 @@ def reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def train_in_process(overrides: list[str]) -> Path:
+def train_in_process(overrides: list[str], config: Path | None = None) -> Path:
     from diffalign.train.dpo import train
 
     reset_accelerate()
     try:
-        return train(load_config(TrainConfig, None, overrides))
+        return train(load_config(TrainConfig, config, overrides))
     finally:
         reset_accelerate()
 
@@ -97,19 +97,14 @@ def test_shipped_config_runs_on_cpu_with_the_tiny_model_of_its_family(name, kind
     )
     assert config.read_text().splitlines()[0] == command
     out = tmp_path / name
-    from diffalign.train.dpo import train
-
-    cfg = load_config(TrainConfig, config, [
+    overrides = [
         f"model.name=tiny-{kind}", "model.resolution=32", f"data.source={pairs_file}", f"output_dir={out}",
         "max_steps=2", "batch_size=2", "gradient_accumulation_steps=1", "report_to=none",
         "validation.prompts=[a red circle]", "validation.every=2", "validation.reward=toy-clip",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    cfg = load_config(TrainConfig, config, overrides)
     assert cfg.data.streaming and cfg.gradient_checkpointing and cfg.mixed_precision == "bf16"
-    reset_accelerate()
-    try:
-        assert train(cfg) == out / "lora"
-    finally:
-        reset_accelerate()
+    assert train_in_process(overrides, config) == out / "lora"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["optimizer_steps"] == 2 and (out / "validation" / "step-000002.png").is_file()
 

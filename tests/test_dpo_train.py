@@ -245,21 +245,34 @@ def test_two_rank_ddp_run_keeps_ranks_identical(pairs_file, tmp_path):
     assert not torch.equal(states[0]["generator"], states[1]["generator"])  # different noise per rank
 
 
-def test_cli_names_a_missing_column_before_training(tmp_path):
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (["data.source={tmp}/p.parquet"], "error: data: column 'label_0' is missing"),
+        (["data.source={tmp}/missing.parquet"], "error: data.source: no such file: "),
+        (
+            ["data.source={tmp}/p.parquet", "data.streaming=true", "data.cache_dir={tmp}/c"],
+            "error: data.cache_dir cannot",
+        ),
+    ],
+)
+def test_cli_rejects_bad_data_before_loading_the_model(data, message, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b""], "jpg_1": [b""]}), tmp_path / "p.parquet")
+    (tmp_path / "empty").mkdir()  # a pipeline folder without components: loading it would fail with another error
+    (tmp_path / "empty" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     result = run_cli(
         "train",
         str(_write(tmp_path / "c.yaml", "method: dpo\n")),
-        "model.name=tiny-sd",
-        f"data.source={tmp_path / 'p.parquet'}",
+        f"model.name={tmp_path / 'empty'}",
+        *[item.format(tmp=tmp_path) for item in data],
         f"output_dir={tmp_path / 'o'}",
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: data: column 'label_0' is missing")
-    assert not (tmp_path / "o" / "checkpoints").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert not (tmp_path / "o").exists()
 
 
 def _write(path: Path, text: str) -> Path:

@@ -17,7 +17,7 @@ from diffalign.models import Cond, Family, cond_cat
 
 class PairBatches:
     """An endless iterator of collated pair batches for this process, starting at data `position` (items this
-    process consumed before; for streams, rows)."""
+    process consumed before; for streams, rows). `table`: the already opened `open_pairs(cfg)`, if any."""
 
     def __init__(
         self,
@@ -33,15 +33,12 @@ class PairBatches:
         rank: int = 0,
         world: int = 1,
         accelerator=None,
+        table=None,
     ):
         self.cfg, self.batch_size = cfg, batch_size
-        table = open_pairs(cfg)
+        table = open_pairs(cfg) if table is None else table
         self.streaming = cfg.streaming
         if cfg.streaming:
-            if cfg.cache_dir:
-                from diffalign.errors import UserError
-
-                raise UserError("data.cache_dir cannot be combined with data.streaming: true")
             dataset: Any = PairStream(table, cfg, resolution, seed, rank, world, skip=position, threads=cfg.num_workers)
             sampler = None
         else:

@@ -39,7 +39,11 @@ def open_pairs(cfg: DataConfig):
 
     if not cfg.source:
         raise UserError("data.source is required: a hub dataset id or a local .parquet/.jsonl/.csv file")
+    if cfg.streaming and cfg.cache_dir:
+        raise UserError("data.cache_dir cannot be combined with data.streaming: true")
     path = Path(cfg.source).expanduser()
+    if not path.exists() and path.suffix.lower() in LOCAL_FORMATS:
+        raise UserError(f"data.source: no such file: {cfg.source}")
     datasets.disable_progress_bars()
     if path.exists():
         if path.suffix.lower() not in LOCAL_FORMATS:

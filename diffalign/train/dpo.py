@@ -15,6 +15,7 @@ from torch import Tensor
 
 from diffalign.config import DPOConfig, TrainConfig
 from diffalign.data.loader import PairBatches, pair_model_inputs
+from diffalign.data.pairs import open_pairs
 from diffalign.hub import resolve_model
 from diffalign.losses.dpo import dpo_loss, per_sample_error
 from diffalign.models import Cond, Family, load_family
@@ -46,6 +47,7 @@ def dpo_step(
 def train(cfg: TrainConfig) -> Path:
     """Run the recipe; returns the folder of the final LoRA (or full denoiser)."""
     accelerator = common.make_accelerator(cfg)
+    table = open_pairs(cfg.data)  # a bad source or a missing column fails here, before any model loads
     model_path = resolve_model(cfg.model.name, cfg.model.revision)
     family = load_family(
         cfg.model.name, dtype=cfg.model.dtype, device=accelerator.device, revision=cfg.model.revision, seed=cfg.seed
@@ -78,6 +80,7 @@ def train(cfg: TrainConfig) -> Path:
         rank=accelerator.process_index,
         world=accelerator.num_processes,
         accelerator=accelerator,
+        table=table,
     )
     runlog = common.RunLog(accelerator, cfg)
     validator = common.Validator(cfg, family, is_toy=cfg.model.name == "toy")

@@ -134,7 +134,16 @@ def test_generate_writes_images_prompts_and_metadata(tmp_path):
     assert np.abs(np.asarray(Image.open(tmp_path / "one" / "00000.png")).astype(int) - arrays[1]).max() <= 1
 
 
-@pytest.mark.parametrize("args", [["generate", "--model", "tiny-sd"], ["generate", "--model", "tiny-nope", "-p", "x"]])
-def test_generate_input_errors(args):
-    result = run_cli(*args)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--model", "tiny-sd"],
+        ["generate", "--model", "tiny-nope", "-p", "x"],
+        ["generate", "--model", "tiny-sd", "-p", "x", "--lora", "{tmp}/no-lora"],
+        ["generate", "--model", "tiny-sd", "-p", "x", "--lora", "{tmp}"],
+    ],
+)
+def test_generate_input_errors(args, tmp_path):
+    result = run_cli(*[a.format(tmp=tmp_path) for a in args], "--out", str(tmp_path / "out"))
     assert_one_line_error(result)
+    assert not (tmp_path / "out").exists()

@@ -254,9 +254,13 @@ def test_two_rank_ddp_run_keeps_ranks_identical(pairs_file, tmp_path):
             ["data.source={tmp}/p.parquet", "data.streaming=true", "data.cache_dir={tmp}/c"],
             "error: data.cache_dir cannot",
         ),
+        (
+            ["data.source={tmp}/p.parquet", "data.label_column=caption", "validation.reward=nope"],
+            "error: unknown reward",
+        ),
     ],
 )
-def test_cli_rejects_bad_data_before_loading_the_model(data, message, tmp_path):
+def test_cli_rejects_bad_data_or_reward_before_loading_the_model(data, message, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 

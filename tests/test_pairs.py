@@ -119,10 +119,13 @@ def test_pairs_split_across_two_processes_merge_in_prompt_order(single_run, prom
 
 
 def test_pairs_input_errors(prompts_file, tmp_path):
+    broken = tmp_path / "broken-model"  # a pipeline folder without components: loading it would fail otherwise
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     bad = run_cli(
         "pairs",
         "--model",
-        "tiny-sd",
+        str(broken),
         "--prompts",
         str(prompts_file),
         "--reward",
@@ -130,7 +133,7 @@ def test_pairs_input_errors(prompts_file, tmp_path):
         "--out",
         str(tmp_path / "p.parquet"),
     )
-    assert bad.returncode == 2 and "nope" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown reward 'nope'")
     missing = run_cli(
         "pairs", "--prompts", str(tmp_path / "none.txt"), "--reward", "jpeg", "--out", str(tmp_path / "p.parquet")
     )

@@ -29,6 +29,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from diffalign.errors import UserError
 from diffalign.hub import quiet_hf_logs
 
 Cond = dict[str, Tensor]
@@ -367,5 +368,9 @@ class Family:
 
     def load_lora(self, folder: str | Path, adapter_name: str | None = None) -> None:
         """Load a diffusers-format LoRA folder (ours or any other) into the pipeline with the stock loader."""
+        path = Path(folder).expanduser()
+        if not path.is_dir() or not [*path.glob("*.safetensors"), *path.glob("*.bin")]:
+            problem = "has no .safetensors/.bin weights" if path.is_dir() else "is not a folder"
+            raise UserError(f"LoRA {folder} {problem}: give a folder written by save_lora or save_lora_weights")
         with quiet_hf_logs("diffusers"):  # e.g. "no LoRA keys for the text encoder": true of every denoiser-only LoRA
             self.pipe.load_lora_weights(str(folder), adapter_name=adapter_name)

@@ -19,6 +19,7 @@ from diffalign.data.pairs import open_pairs
 from diffalign.hub import resolve_model
 from diffalign.losses.dpo import dpo_loss, per_sample_error
 from diffalign.models import Cond, Family, load_family
+from diffalign.rewards import parse_spec
 from diffalign.train import common
 
 
@@ -48,6 +49,8 @@ def train(cfg: TrainConfig) -> Path:
     """Run the recipe; returns the folder of the final LoRA (or full denoiser)."""
     accelerator = common.make_accelerator(cfg)
     table = open_pairs(cfg.data)  # a bad source or a missing column fails here, before any model loads
+    if cfg.validation.reward:
+        parse_spec(cfg.validation.reward)  # so does a bad reward spec
     model_path = resolve_model(cfg.model.name, cfg.model.revision)
     family = load_family(
         cfg.model.name, dtype=cfg.model.dtype, device=accelerator.device, revision=cfg.model.revision, seed=cfg.seed

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +81,23 @@ def test_offline_model_id_fails_fast_with_one_line_naming_it():
 
 def test_local_folder_without_model_index_is_named(tmp_path):
     assert_one_line_error(run_cli("generate", "--model", str(tmp_path), "-p", "x"), str(tmp_path), "model_index.json")
+
+
+@pytest.mark.parametrize("damage", ["no components", "truncated weights"])
+def test_a_broken_pipeline_folder_is_one_error_line_naming_it(damage, tmp_path):
+    folder = tmp_path / "model"
+    if damage == "no components":
+        folder.mkdir()
+        (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    else:
+        shutil.copytree(Path(__file__).parents[1] / "assets" / "toy" / "model", folder)
+        weights = next((folder / "unet").glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:1000])
+    result = run_cli("generate", "--model", str(folder), "-p", "x", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after diffusers' loading progress bar
+    assert last.startswith(f"error: model '{folder}' could not be loaded: ")
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_rejects_a_bad_config_key_before_loading_a_model(tmp_path):

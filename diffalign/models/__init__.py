@@ -63,9 +63,13 @@ def load_family(
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(
-            resolved, dtype=DTYPES[dtype], revision=revision, local_files_only=offline()
-        )
+        try:
+            pipe = DiffusionPipeline.from_pretrained(
+                resolved, dtype=DTYPES[dtype], revision=revision, local_files_only=offline()
+            )
+        except (OSError, ValueError) as e:  # diffusers' words for a missing, incomplete or corrupt component
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"model {name!r} could not be loaded: {reason}") from e
     pipe.to(device)
     family = family_for_pipeline(pipe)
     if resolved.startswith(TINY_PREFIX):

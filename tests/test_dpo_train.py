@@ -181,6 +181,14 @@ def test_partial_checkpoints_are_never_resumed(tmp_path):
         common.resolve_resume(tmp_path, str(root / "checkpoint-9"))
 
 
+@pytest.mark.parametrize("change", ["lora.rank=2", "lora.targets=[to_q]"])
+def test_resuming_with_other_trainable_weights_is_a_clear_error(change, pairs_file, tmp_path):
+    overrides = [*base_overrides("sd", pairs_file, tmp_path), "max_steps=2", "validation.prompts=[]"]
+    train_in_process(overrides)
+    with pytest.raises(UserError, match=r"checkpoint-2 holds other trainable weights than this run .* new output_dir"):
+        train_in_process([*overrides, "max_steps=3", change])
+
+
 def train_command(config: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "diffalign", "train", str(config), *overrides]
 
@@ -241,7 +249,7 @@ def test_two_rank_ddp_run_keeps_ranks_identical(pairs_file, tmp_path):
     states = [
         torch.load(out / "checkpoints" / "checkpoint-2" / f"train_state-{r}.pt", weights_only=False) for r in (0, 1)
     ]
-    assert states[0]["micro_batches"] == states[1]["micro_batches"] == 4  # 2 steps x batch 2, on each rank
+    assert states[0]["data_position"] == states[1]["data_position"] == 4  # 2 steps x batch 2, on each rank
     assert not torch.equal(states[0]["generator"], states[1]["generator"])  # different noise per rank
 
 

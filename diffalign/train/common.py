@@ -101,8 +101,8 @@ class TrainState:
 
     step: int = 0
     """Optimizer steps done."""
-    micro_batches: int = 0
-    """Micro-batches this process consumed (its data position is micro_batches x batch_size)."""
+    data_position: int = 0
+    """Pairs this process consumed, undecodable ones included: where its data resumes."""
     skipped_pairs: int = 0
     generator: torch.Generator = field(default_factory=torch.Generator)
     schedule: Any = None
@@ -110,14 +110,14 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "micro_batches": self.micro_batches,
+            "data_position": self.data_position,
             "skipped_pairs": self.skipped_pairs,
             "generator": self.generator.get_state(),
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.micro_batches = state["step"], state["micro_batches"]
+        self.step, self.data_position = state["step"], state["data_position"]
         self.skipped_pairs = state["skipped_pairs"]
         self.generator.set_state(state["generator"])
         if self.schedule is not None and state["schedule"] is not None:
@@ -176,9 +176,14 @@ def register_trainable_hooks(accelerator, family: Family) -> None:
     def load_hook(models, input_dir):
         state = load_file(os.path.join(input_dir, TRAINABLE_FILE))
         params = dict(family.denoiser.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-        if missing:
-            raise UserError(f"checkpoint {input_dir} does not match the model (missing {missing[0]} ...)")
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        mismatch = sorted(trainable ^ state.keys()) or [n for n in state if state[n].shape != params[n].shape]
+        if mismatch:
+            raise UserError(
+                f"checkpoint {input_dir} holds other trainable weights than this run ({mismatch[0]} differs): "
+                "was it written with another model or lora/full fine-tune setting? Resume with those, or use a new "
+                "output_dir"
+            )
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value)
@@ -221,7 +226,7 @@ def load_checkpoint(accelerator, folder: Path, state: TrainState) -> None:
             f"same number (now {accelerator.num_processes})"
         )
     accelerator.load_state(str(folder))
-    state.load_state_dict(torch.load(folder / f"train_state-{accelerator.process_index}.pt", weights_only=False))
+    state.load_state_dict(torch.load(folder / f"train_state-{accelerator.process_index}.pt", weights_only=True))
 
 
 # ---------------------------------------------------------------------------------------------------------- logging

@@ -79,7 +79,7 @@ def train(cfg: TrainConfig) -> Path:
         resolution=resolution,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
-        position=state.micro_batches,
+        position=state.data_position,
         rank=accelerator.process_index,
         world=accelerator.num_processes,
         accelerator=accelerator,
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig) -> Path:
     with family.calling(model):
         while state.step < cfg.max_steps:
             batch = next(batches)
-            state.micro_batches += batches.advance(batch)
+            state.data_position += batches.advance(batch)
             state.skipped_pairs += batch["skipped"]
             with accelerator.accumulate(model), accelerator.autocast():
                 latents, cond, preference = pair_model_inputs(family, batch)

@@ -164,9 +164,10 @@ def test_cache_gives_the_same_loss_as_the_uncached_path(tmp_path):
     for key in cond_raw:
         torch.testing.assert_close(cond_raw[key], cond_cached[key], atol=1e-5, rtol=0)
     assert torch.equal(pref_raw, pref_cached)
-    assert abs(losses[0].item() - 0.693147) > 1e-4
-    # beta = 5000 multiplies error differences by 2500, so float noise of 1e-8 in the errors shows at 1e-5 here
-    torch.testing.assert_close(losses[0], losses[1], atol=1e-4, rtol=0)
+    assert abs(losses[0].item() - 0.693147) > 0.1  # the data moves the loss far from log 2...
+    # ...and both paths agree. beta = 5000 multiplies error differences by 2500, so float noise of 1e-8..1e-7 in the
+    # errors (batch size, thread count) shows at 1e-5..1e-4 here; a wrong pair, label or time id would move it ~0.1
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-3, rtol=0)
 
 
 def test_cache_rejects_random_crop(tmp_path):

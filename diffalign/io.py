@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from diffalign.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -26,9 +28,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder next to `path`; on success it replaces `path` (rename), on error it is removed."""
+def atomic_dir(path: str | Path, marker: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success it replaces `path` (rename), on error it is removed.
+
+    With `marker`, an existing `path` is replaced only if it is an empty folder or holds that file (i.e. it was
+    written by the same command): anything else is refused up front, so `--out .` never deletes a user's folder."""
     path = Path(path)
+    if marker is not None and path.exists():
+        ours = path.is_dir() and (not any(path.iterdir()) or (path / marker).is_file())
+        if not ours:
+            raise UserError(
+                f"{path} exists and is not a folder this command wrote (no {marker}); it would be replaced: "
+                "choose a new path or remove it"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from clitools import run_cli
@@ -81,6 +82,31 @@ def test_a_failed_demo_keeps_the_previous_report(demo_run, monkeypatch):
         demo.run_demo(out, settings=SMALL)
     assert (out / "report.html").read_text() == before
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("existing", ["a folder of the user's", "a file"])
+def test_demo_never_replaces_what_it_did_not_write(existing, tmp_path):
+    out = tmp_path / "out"
+    if existing == "a file":
+        out.write_text("notes")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("notes")
+    result = run_cli("demo", "--quick", "--out", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {out} exists and is not a folder this command")
+    assert (out.read_text() if out.is_file() else (out / "notes.txt").read_text()) == "notes"
+
+
+def test_the_previous_demo_and_an_empty_folder_may_be_replaced(demo_run, tmp_path):
+    from diffalign.io import atomic_dir
+
+    previous = shutil.copytree(demo_run[0], tmp_path / "previous")
+    (tmp_path / "empty").mkdir()
+    for folder in (previous, tmp_path / "empty"):
+        with atomic_dir(folder, marker="metrics.json") as work:
+            (work / "metrics.json").write_text("{}")
+        assert [p.name for p in folder.iterdir()] == ["metrics.json"]
 
 
 def test_demo_command_help_lists_quick():

@@ -135,6 +135,7 @@ def test_epoch_sampler_shards_ranks_and_resumes():
 
 def test_cache_gives_the_same_loss_as_the_uncached_path(tmp_path):
     family = build_family("sd")
+    torch.manual_seed(0)  # LoRA A is drawn from the global RNG: the same loss whichever tests ran before
     family.add_lora(rank=4)
     with torch.no_grad():  # a non-identity LoRA, so the loss depends on the data (policy != reference)
         for name, p in family.denoiser.named_parameters():
@@ -168,6 +169,15 @@ def test_cache_gives_the_same_loss_as_the_uncached_path(tmp_path):
     # ...and both paths agree. beta = 5000 multiplies error differences by 2500, so float noise of 1e-8..1e-7 in the
     # errors (batch size, thread count) shows at 1e-5..1e-4 here; a wrong pair, label or time id would move it ~0.1
     torch.testing.assert_close(losses[0], losses[1], atol=1e-3, rtol=0)
+
+
+def test_cache_never_replaces_a_folder_it_did_not_write(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", 2)
+    cfg = data_cfg(path, cache_dir=str(tmp_path))  # e.g. `data.cache_dir: .` by mistake
+    table = open_pairs(cfg)
+    with pytest.raises(UserError, match="exists and is not a folder this command wrote"):
+        build_cache(build_family("sd"), table, usable_rows(table, cfg), cfg, 32, tmp_path, "key", progress=False)
+    assert path.is_file()
 
 
 def test_cache_rejects_random_crop(tmp_path):

@@ -86,7 +86,7 @@ def build_cache(
     no_flip = PairChoices(0.5, 0.5, flip=False, empty_caption=False)
     skipped, shard, shards = 0, [], 0
     root = Path(cfg.source).expanduser().parent if Path(cfg.source).expanduser().exists() else None
-    with atomic_dir(cache_dir) as tmp, Progress(disable=not progress, transient=True) as bar:
+    with atomic_dir(cache_dir, marker="meta.json") as tmp, Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("caching latents", total=len(rows))
         for n, row in enumerate(rows):
             record = table[row]

@@ -68,7 +68,7 @@ def run_demo(
     family = load_family("toy")
     proxy = load_reward(PROXY)
     heldout, train = heldout_prompts(), train_prompts()
-    with atomic_dir(out) as work:  # a failed demo leaves the previous one in `out` untouched
+    with atomic_dir(out, marker="metrics.json") as work:  # a failed demo leaves the previous one in `out` untouched
         console.print(f"[bold]1/2 base model[/]: {settings.eval_samples} samples on {len(heldout)} held-out prompts")
         base = measure(family, heldout, settings.eval_samples, seed, proxy)
 

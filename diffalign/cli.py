@@ -54,7 +54,10 @@ def train(
     from diffalign.train import recipe
 
     final = recipe(cfg.method)(cfg)
-    typer.echo(f"saved {final}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        typer.echo(f"saved {final}")
 
 
 # ---------------------------------------------------------------------------------------------------------- generate

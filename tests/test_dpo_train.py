@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -266,6 +267,11 @@ def test_two_rank_ddp_run_keeps_ranks_identical(pairs_file, tmp_path):
         (
             ["data.source={tmp}/p.parquet", "data.label_column=caption", "validation.reward=nope"],
             "error: unknown reward",
+        ),
+        pytest.param(
+            ["data.source={tmp}/p.parquet", "data.label_column=caption", "report_to=wandb"],
+            "error: report_to: wandb is not installed",
+            marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed"),
         ),
     ],
 )

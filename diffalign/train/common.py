@@ -10,6 +10,7 @@ folder without the marker (a crash, a copy in progress) is never resumed from.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -42,6 +43,9 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        # accelerate would drop the tracker with a log line and train without it
+        raise UserError(f"report_to: {cfg.report_to} is not installed (pip install {cfg.report_to}), or use 'none'")
     output = Path(cfg.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,

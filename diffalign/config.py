@@ -21,6 +21,12 @@ from diffalign.errors import UserError
 T = TypeVar("T")
 
 
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A field whose value (unless None) must be >= ge, > gt and <= le; checked when the config is loaded."""
+    bounds = {name: value for name, value in ((">=", ge), (">", gt), ("<=", le)) if value is not None}
+    return field(default=default, metadata={"bounds": bounds})
+
+
 # ---------------------------------------------------------------------------------------------------------- schemas
 @dataclass
 class ModelConfig:
@@ -32,7 +38,7 @@ class ModelConfig:
     """Hub revision (branch, tag or commit)."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Weights dtype of the frozen parts (VAE, text encoders). Trainable weights stay float32."""
-    resolution: int | None = None
+    resolution: int | None = bounded(None, ge=8)
     """Training/sampling resolution in pixels; default: the family's native resolution."""
 
 
@@ -41,21 +47,21 @@ class LoraConfig:
     """LoRA adapter on the denoiser (UNet or transformer). `enabled: false` means a full fine-tune."""
 
     enabled: bool = True
-    rank: int = 4
-    alpha: float | None = None
+    rank: int = bounded(4, ge=1)
+    alpha: float | None = bounded(None, gt=0)
     """LoRA alpha; default = rank (scale 1)."""
     targets: list[str] | None = None
     """Module names to adapt; default: the family's attention projections."""
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, le=1)
 
 
 @dataclass
 class DPOConfig:
     """Diffusion-DPO (Wallace et al. 2023). β in the paper's convention: inside = -(β/2)·(Δpolicy - Δreference)."""
 
-    beta: float = 5000.0
+    beta: float = bounded(5000.0, gt=0)
     loss: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, ge=0, le=0.5)
     """Conservative DPO label smoothing for the sigmoid loss (0 = off)."""
 
 
@@ -72,12 +78,12 @@ class DataConfig:
     label_column: str = "label_0"
     keep_ties: bool = False
     """Keep label 0.5 pairs with half weight in both orders (default: drop them, as the paper does)."""
-    empty_prompt_fraction: float = 0.2
+    empty_prompt_fraction: float = bounded(0.2, ge=0, le=1)
     """Fraction of captions replaced by "" (so the model keeps an unconditional mode for CFG)."""
     random_flip: bool = True
     random_crop: bool = False
-    max_pairs: int | None = None
-    num_workers: int = 0
+    max_pairs: int | None = bounded(None, ge=1)
+    num_workers: int = bounded(0, ge=0)
     """Decoding workers: DataLoader processes for a map-style table; threads for a stream (read once, in order)."""
     cache_dir: str | None = None
     """If set, VAE latents and prompt embeddings are pre-computed into this folder and reused."""
@@ -88,13 +94,14 @@ class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
     optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 1e-2
+    lr: float = bounded(1e-4, gt=0)
+    weight_decay: float = bounded(1e-2, ge=0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
+    eps: float = bounded(1e-8, gt=0)
+    max_grad_norm: float = bounded(1.0, ge=0)
+    """Gradient clipping norm (0 = no clipping)."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
-    warmup_steps: int = 0
+    warmup_steps: int = bounded(0, ge=0)
     scale_lr: bool = False
     """Multiply lr by batch size x accumulation x processes (diffusers' `--scale_lr`)."""
 
@@ -103,15 +110,15 @@ class OptimConfig:
 class ValidationConfig:
     """Image grids and reward during training."""
 
-    every: int = 0
+    every: int = bounded(0, ge=0)
     """Run validation every N optimizer steps (0 = only at the end)."""
     prompts: list[str] = field(default_factory=list)
     """Fixed prompts; default: the model's held-out prompts (toy world) or none."""
     reward: str | None = None
     """Reward spec scored on the validation images (see `diffalign rewards`)."""
-    num_images: int = 1
-    num_steps: int | None = None
-    guidance_scale: float | None = None
+    num_images: int = bounded(1, ge=1)
+    num_steps: int | None = bounded(None, ge=1)
+    guidance_scale: float | None = bounded(None, ge=0)
     seed: int = 1234
 
 
@@ -128,18 +135,20 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     output_dir: str = "runs/train"
     seed: int = 0
-    max_steps: int = 2000
-    batch_size: int = 1
+    max_steps: int = bounded(2000, ge=1)
+    batch_size: int = bounded(1, ge=1)
     """Pairs per process per micro-batch."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = bounded(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     allow_tf32: bool = False
-    checkpoint_every: int = 500
-    checkpoints_keep: int = 2
+    checkpoint_every: int = bounded(500, ge=0)
+    """Write a resumable checkpoint every N optimizer steps (0 = never)."""
+    checkpoints_keep: int = bounded(2, ge=0)
+    """How many of the newest checkpoints to keep (0 = all)."""
     resume: str = "auto"
     """'auto' (newest complete checkpoint in output_dir, if any), 'none', or a checkpoint folder."""
-    log_every: int = 10
+    log_every: int = bounded(10, ge=1)
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
 
 
@@ -215,6 +224,15 @@ def _field_list(cls: type) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
+_BOUND_HOLDS = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b}
+
+
+def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
+    if value is not None and not all(_BOUND_HOLDS[op](value, bound) for op, bound in bounds.items()):
+        wanted = " and ".join(f"{op} {bound:g}" for op, bound in bounds.items())
+        raise UserError(f"config key '{key}' must be {wanted}, got {value!r}")
+
+
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -225,6 +243,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for f in dataclasses.fields(cls):
         if f.name in data:
             kwargs[f.name] = _convert(data[f.name], hints[f.name], prefix + f.name)
+            _check_bounds(kwargs[f.name], f.metadata.get("bounds", {}), prefix + f.name)
         elif f.default is MISSING and f.default_factory is MISSING:
             raise UserError(f"missing required config key '{prefix}{f.name}'")
     return cls(**kwargs)

@@ -70,12 +70,21 @@ def test_saved_config_loads_back_identically(tmp_path):
         (["lora=3"], r"config key 'lora' is a section"),
         (["rank"], r"not of the form key=value"),
         (["a..b=1"], r"not of the form key=value"),
+        (["batch_size=0"], r"config key 'batch_size' must be >= 1, got 0"),
+        (["dpo.beta=0"], r"config key 'dpo.beta' must be > 0, got 0.0"),
+        (["data.empty_prompt_fraction=1.5"], r"'data.empty_prompt_fraction' must be >= 0 and <= 1, got 1.5"),
+        (["model.resolution=4"], r"'model.resolution' must be >= 8"),
     ],
 )
 def test_bad_overrides_are_one_line_user_errors(overrides, message):
     with pytest.raises(UserError, match=message) as info:
         load_config(TrainConfig, None, overrides)
     assert "\n" not in str(info.value)
+
+
+def test_bounds_allow_their_edges_and_none():
+    cfg = load_config(TrainConfig, None, ["checkpoint_every=0", "data.empty_prompt_fraction=1", "lora.alpha=null"])
+    assert (cfg.checkpoint_every, cfg.data.empty_prompt_fraction, cfg.lora.alpha) == (0, 1.0, None)
 
 
 def test_bad_yaml_values_name_the_key(tmp_path):

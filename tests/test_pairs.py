@@ -11,7 +11,8 @@ from clitools import run_cli
 from distributed import launch_two_ranks
 from PIL import Image
 
-from diffalign.data.make_pairs import done_prompts, ranked_pairs
+from diffalign.data.make_pairs import check_resume_settings, done_prompts, ranked_pairs
+from diffalign.errors import UserError
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white circle", "a red square"]
 
@@ -91,6 +92,20 @@ def test_pairs_resume_skips_done_prompts_and_matches_a_fresh_run(single_run, pro
     assert [r["prompt_index"] for r in rows] == [0, 1, 2, 3, 4]
     assert [r["caption"].endswith("(from part)") for r in rows] == [True, True, False, False, False]
     assert same_pairs(rows[2:], read(single_run)[0][2:])
+
+
+def test_resuming_with_other_settings_is_refused(prompts_file, tmp_path):
+    parts = tmp_path / "pairs.parquet.parts"
+    parts.mkdir()
+    settings = {"model": "tiny-sd", "reward": "jpeg", "prompts": "abc"}
+    check_resume_settings(parts, settings, is_main=True)  # the first run records its settings
+    check_resume_settings(parts, dict(settings), is_main=True)  # the same settings resume
+    with pytest.raises(UserError, match=r"other settings \(reward, prompts changed\)"):
+        check_resume_settings(parts, {**settings, "reward": "toy-clip", "prompts": "def"}, is_main=True)
+    # end to end: an unfinished run made with another reward is neither resumed nor overwritten
+    result = run_cli("pairs", *ARGS, "--prompts", str(prompts_file), "--out", str(tmp_path / "pairs.parquet"))
+    assert result.returncode == 2 and "holds an unfinished run with other settings" in result.stderr
+    assert json.loads((parts / "settings.json").read_text()) == settings and not (tmp_path / "pairs.parquet").exists()
 
 
 def same_pairs(rows_a, rows_b) -> bool:

@@ -4,13 +4,15 @@ ranked pair, RankDPO-style) in the Pick-a-Pic v2 schema.
 Output columns: caption, jpg_0, jpg_1 (PNG bytes), label_0 (1.0 = image 0 preferred, 0.0 = image 1), score_0, score_1,
 seed_0, seed_1, prompt_index. Which image is stored first is a seeded coin flip, as in human-labelled data.
 
-Resumable: each chunk of prompts is written to `<out>.parts/` (atomically) and recorded as done; a re-run skips done
-prompts. Under `accelerate launch` prompt i goes to process i mod N, and the main process merges the parts into one
-file in prompt order at the end.
+Resumable: each chunk of prompts is written to `<out>.parts/` (atomically) and recorded as done; a re-run with the
+same settings (model, reward, prompts, seeds, sampling) skips done prompts, other settings are refused. Under
+`accelerate launch` prompt i goes to process i mod N, and the main process merges the parts into one file in prompt
+order at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -84,6 +86,24 @@ def done_prompts(parts: Path) -> set[int]:
     return done
 
 
+def check_resume_settings(parts: Path, settings: dict, is_main: bool) -> None:
+    """Record the run's settings in `parts` (main process), or, resuming, refuse other settings than the recorded ones:
+    pairs made with another model, reward or prompt list must not be mixed into one file."""
+    recorded = parts / "settings.json"
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        changed = [key for key in settings if before.get(key) != settings[key]]
+        if changed:
+            raise UserError(
+                f"{parts} holds an unfinished run with other settings ({', '.join(changed)} changed): rerun with "
+                "the same settings to resume it, or delete that folder to start over"
+            )
+    elif is_main:
+        from diffalign.io import write_text_atomic
+
+        write_text_atomic(recorded, json.dumps(settings, indent=2))
+
+
 def _write_part(path: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -155,6 +175,21 @@ def make_pairs(
     rank, world = state.process_index, state.num_processes
     parts = _parts_dir(out)
     parts.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model": model,
+        "reward": reward_spec,
+        "images_per_prompt": images_per_prompt,
+        "all_pairs": all_pairs,
+        "seed": seed,
+    }
+    settings = {
+        **meta,
+        "num_steps": num_steps,
+        "guidance_scale": guidance_scale,
+        "dtype": dtype,
+        "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+    }
+    check_resume_settings(parts, settings, state.is_main_process)
     done = done_prompts(parts)
     todo = [i for i in range(len(prompts)) if i % world == rank and i not in done]
     family = load_family(model, dtype=dtype, device=device or state.device)
@@ -189,13 +224,6 @@ def make_pairs(
     state.wait_for_everyone()
     summary = {"out": str(out), "prompts": len(prompts), "ties": ties}
     if state.is_main_process:
-        meta = {
-            "model": model,
-            "reward": reward_spec,
-            "images_per_prompt": images_per_prompt,
-            "all_pairs": all_pairs,
-            "seed": seed,
-        }
         summary["pairs"] = merge_parts(parts, out, meta)
         shutil.rmtree(parts)
     state.wait_for_everyone()

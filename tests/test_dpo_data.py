@@ -111,6 +111,8 @@ def test_stream_decoded_on_threads_gives_the_same_batches_and_skips_the_bad_pair
     assert rows[:11] == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11] and rows[11:14] == [0, 1, 2]  # in order, then epoch 2
     assert sum(batch["skipped"] for batch in inline) == 1
     assert_same_batches(stream_batches(path, 8, num_workers=3), inline)
+    capped = [r for batch in stream_batches(path, 3, max_pairs=3) for r in batch["row"].tolist()]
+    assert capped == [0, 1, 2, 0, 1, 2]  # the same usable-row rule as a table: at most max_pairs, then a new epoch
 
 
 def test_stream_resumes_at_the_same_pair_and_splits_ranks(tmp_path):

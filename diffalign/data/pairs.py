@@ -13,11 +13,12 @@ import io
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from diffalign.config import DataConfig
 from diffalign.errors import UserError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
@@ -87,18 +89,22 @@ def preference_of(label: Any) -> float | None:
     return value if 0.0 <= value <= 1.0 else None
 
 
+def usable(items: Iterable[T], label_of: Callable[[T], Any], cfg: DataConfig) -> Iterator[T]:
+    """The items whose label makes a pair: valid label; ties only with keep_ties; at most max_pairs. The one rule for
+    tables and streams."""
+    kept = (item for item in items if (p := preference_of(label_of(item))) is not None and (p != 0.5 or cfg.keep_ties))
+    return islice(kept, cfg.max_pairs)
+
+
+def no_usable_pairs(cfg: DataConfig) -> UserError:
+    return UserError(f"data: no usable pairs in {cfg.source} (labels must be in [0, 1]; ties need keep_ties)")
+
+
 def usable_rows(table, cfg: DataConfig) -> list[int]:
-    """Rows of a (non-streaming) table that make a pair: valid label; ties only with keep_ties; at most max_pairs."""
-    rows = []
-    for i, label in enumerate(table[cfg.label_column]):
-        p = preference_of(label)
-        if p is None or (p == 0.5 and not cfg.keep_ties):
-            continue
-        rows.append(i)
-        if cfg.max_pairs is not None and len(rows) >= cfg.max_pairs:
-            break
+    """Rows of a (non-streaming) table that make a pair (see `usable`)."""
+    rows = [row for row, _ in usable(enumerate(table[cfg.label_column]), lambda item: item[1], cfg)]
     if not rows:
-        raise UserError(f"data: no usable pairs in {cfg.source} (labels must be in [0, 1]; ties need keep_ties)")
+        raise no_usable_pairs(cfg)
     return rows
 
 
@@ -274,21 +280,15 @@ class PairStream(torch.utils.data.IterableDataset):
         """(epoch, row, record) of this rank's usable rows, endlessly, after the first `skip`."""
         taken = 0
         for epoch in range(1 << 30):
-            usable = 0
-            for row, record in enumerate(self.table):
-                p = preference_of(record[self.cfg.label_column])
-                if p is None or (p == 0.5 and not self.cfg.keep_ties):
-                    continue
-                usable += 1
-                if self.cfg.max_pairs is not None and usable > self.cfg.max_pairs:
-                    break
-                if (usable - 1) % self.world != self.rank:
-                    continue
-                taken += 1
-                if taken > self.skip:
-                    yield epoch, row, record
-            if usable == 0:
-                raise UserError(f"data: no usable pairs in {self.cfg.source}")
+            count = 0
+            rows = usable(enumerate(self.table), lambda item: item[1][self.cfg.label_column], self.cfg)
+            for count, (row, record) in enumerate(rows, start=1):
+                if (count - 1) % self.world == self.rank:
+                    taken += 1
+                    if taken > self.skip:
+                        yield epoch, row, record
+            if count == 0:
+                raise no_usable_pairs(self.cfg)
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterator[Any], threads: int) -> Iterator[Any]:

@@ -187,9 +187,6 @@ def pairs(
     texts = read_prompts(prompts)  # bad prompts or an unavailable model fail here, before torch is imported
     resolve_model(model)
     from diffalign.data.make_pairs import make_pairs
-    from diffalign.rewards import parse_spec
-
-    parse_spec(reward)  # a bad reward spec too, before the model loads
 
     summary = make_pairs(
         model,

@@ -164,8 +164,9 @@ def make_pairs(
 
     from diffalign.infer.generate import sample_images
     from diffalign.models import load_family
-    from diffalign.rewards import load_reward
+    from diffalign.rewards import load_reward, parse_spec
 
+    parse_spec(reward_spec)  # a bad spec fails before the model loads
     if images_per_prompt < 2:
         raise UserError("--images-per-prompt must be at least 2 to make a pair")
     out = Path(out)

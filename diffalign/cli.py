@@ -54,9 +54,9 @@ def train(
     from diffalign.train import recipe
 
     final = recipe(cfg.method)(cfg)
-    from accelerate import PartialState
+    from diffalign.processes import process_info
 
-    if PartialState().is_main_process:
+    if process_info().is_main:
         typer.echo(f"saved {final}")
 
 

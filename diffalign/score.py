@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.errors import UserError
+from diffalign.processes import gather_to_all, process_info
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 TOTAL = "total"
@@ -35,47 +36,6 @@ class ScoreResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     """Wall time of decoding + scoring (after the reward is loaded, before the output is written)."""
-
-
-# --------------------------------------------------------------------------------------------------- processes
-@dataclass
-class ProcessInfo:
-    """This process's rank among `world` processes and its default device."""
-
-    rank: int = 0
-    world: int = 1
-    device: str = "cpu"
-
-    @property
-    def is_main(self) -> bool:
-        """True on the process that writes the output."""
-        return self.rank == 0
-
-
-def process_info() -> ProcessInfo:
-    """Rank, world size and device; under `accelerate launch` / torchrun this joins the process group."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        # like Accelerator(): ACCELERATE_USE_CPU=1 (or no GPU) means gloo ranks on the CPU
-        forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        use_cpu = forced_cpu or not torch.cuda.is_available()
-        state = PartialState(cpu=use_cpu)
-        return ProcessInfo(rank=state.process_index, world=state.num_processes, device=str(state.device))
-    return ProcessInfo(device="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def gather_to_all(obj: Any, info: ProcessInfo) -> list[Any]:
-    """[obj of rank 0, obj of rank 1, ...] on every process (just [obj] in a single process)."""
-    if info.world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * info.world
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 # ----------------------------------------------------------------------------------------------------- scoring

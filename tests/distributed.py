@@ -39,3 +39,13 @@ def launch_two_ranks(args: list[str], timeout: float = 300, cwd: str | None = No
         text=True,
         timeout=timeout,
     )
+
+
+def failure(result: subprocess.CompletedProcess, chars: int = 2500) -> str:
+    """The end of each rank's own output (lines tagged `[rankN]:`) and of the launcher's, for a failed launch."""
+    parts = []
+    for rank in (0, 1):
+        tag = f"[rank{rank}]:"
+        lines = "\n".join(line for line in result.stderr.splitlines() if line.startswith(tag))
+        parts.append(lines[-chars:] or f"{tag} (no output)")
+    return "\n".join(parts) + "\n" + result.stderr[-chars:]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from distributed import launch_two_ranks
+from distributed import failure, launch_two_ranks
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_lora_steps.py"
@@ -14,7 +14,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_lora_steps.py"
 
 def test_two_ranks_end_with_identical_lora_weights(tmp_path):
     result = launch_two_ranks([str(SCRIPT), str(tmp_path)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(log["world_size"] == 2 for log in logs)
     assert logs[0]["losses"] != logs[1]["losses"]  # the ranks really saw different data

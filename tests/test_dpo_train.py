@@ -15,7 +15,7 @@ import pytest
 import torch
 from clitools import run_cli
 from conftest import build_pipeline
-from distributed import launch_two_ranks
+from distributed import failure, launch_two_ranks
 from pairdata import write_parquet
 from safetensors.torch import load_file
 
@@ -201,7 +201,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(pairs_file, 
     straight = subprocess.run(
         train_command(config, f"output_dir={tmp_path / 'a'}"), env=env, capture_output=True, text=True, timeout=600
     )
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert straight.returncode == 0, failure(straight)
 
     out = tmp_path / "b"
     proc = subprocess.Popen(
@@ -218,7 +218,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(pairs_file, 
     resumed = subprocess.run(
         train_command(config, f"output_dir={out}"), env=env, capture_output=True, text=True, timeout=600
     )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert f"resumed from {out / 'checkpoints'}/checkpoint-{max(done)}" in resumed.stdout
     a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
@@ -234,7 +234,7 @@ def test_two_rank_ddp_run_keeps_ranks_identical(pairs_file, tmp_path):
         f"checkpoint_every: 2\nreport_to: none\noutput_dir: {out}\noptim:\n  lr: 1.0e-3\n"
     )
     result = launch_two_ranks(["-m", "diffalign", "train", str(config)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     assert result.stdout.count(f"saved {out / 'lora'}") == 1  # the main process reports, not every rank
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 3 and summary["optimizer_steps"] == 3

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from clitools import run_cli
-from distributed import launch_two_ranks
+from distributed import failure, launch_two_ranks
 from PIL import Image
 from test_rewards import PROMPTS, quantised_images, write_tiny_clip
 
@@ -255,7 +255,7 @@ def test_two_ranks_write_one_merged_output_in_input_order(folder, clip_dir, tmp_
     merged, single = tmp_path / "merged.csv", tmp_path / "single.csv"
     args = [str(folder), "--reward", f"clip:model={clip_dir},jpeg=0.1", "--batch-size", "2", "--workers", "1"]
     result = launch_two_ranks(["-m", "diffalign", "score", *args, "--out", str(merged)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     # input order: broken, img0, img1, img2, img3, sub/wide -> rank 0 gets broken, img1, img3; rank 1 the others
     assert "rank 0/2: scored 2 images (1 skipped)" in result.stderr
     assert "rank 1/2: scored 3 images (0 skipped)" in result.stderr

@@ -17,6 +17,7 @@ import io
 import json
 import random
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -159,11 +160,11 @@ def make_pairs(
     progress: bool = True,
 ) -> dict:
     """Generate, score and pair; returns a summary {pairs, prompts, ties, out}. See the module docstring."""
-    from accelerate import PartialState
     from rich.progress import Progress
 
     from diffalign.infer.generate import sample_images
     from diffalign.models import load_family
+    from diffalign.processes import process_info, wait_for_everyone
     from diffalign.rewards import load_reward, parse_spec
 
     parse_spec(reward_spec)  # a bad spec fails before the model loads
@@ -172,8 +173,8 @@ def make_pairs(
     out = Path(out)
     if out.suffix != ".parquet":
         raise UserError(f"--out {out}: pairs are written as .parquet")
-    state = PartialState()
-    rank, world = state.process_index, state.num_processes
+    info = process_info()
+    rank, world = info.rank, info.world
     parts = _parts_dir(out)
     parts.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -190,13 +191,16 @@ def make_pairs(
         "dtype": dtype,
         "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
     }
-    check_resume_settings(parts, settings, state.is_main_process)
+    check_resume_settings(parts, settings, info.is_main)
     done = done_prompts(parts)
+    wait_for_everyone(info)  # every process has read what is done before any writes more
     todo = [i for i in range(len(prompts)) if i % world == rank and i not in done]
-    family = load_family(model, dtype=dtype, device=device or state.device)
+    if world > 1:
+        print(f"rank {rank}/{world}: {len(todo)} prompts to do", file=sys.stderr)
+    family = load_family(model, dtype=dtype, device=device or info.device)
     reward = load_reward(reward_spec, device=family.device)
     ties = 0
-    with Progress(disable=not (progress and state.is_local_main_process)) as bar:
+    with Progress(disable=not (progress and info.is_main)) as bar:
         task = bar.add_task("pairs", total=len(todo))
         for start in range(0, len(todo), prompts_per_chunk):
             chunk = todo[start : start + prompts_per_chunk]
@@ -222,10 +226,10 @@ def make_pairs(
             with (parts / f"done-rank{rank}.jsonl").open("a") as f:
                 f.write(json.dumps({"prompts": chunk}) + "\n")
             bar.advance(task, len(chunk))
-    state.wait_for_everyone()
+    wait_for_everyone(info)
     summary = {"out": str(out), "prompts": len(prompts), "ties": ties}
-    if state.is_main_process:
+    if info.is_main:
         summary["pairs"] = merge_parts(parts, out, meta)
         shutil.rmtree(parts)
-    state.wait_for_everyone()
+    wait_for_everyone(info)
     return summary

@@ -1,0 +1,58 @@
+"""Which process this is under `accelerate launch` / torchrun, for commands that split work without an Accelerator.
+
+`accelerate.PartialState()` alone does not join the process group of CPU ranks (ACCELERATE_USE_CPU=1 or no GPU):
+every rank then reports itself as rank 0 of 1 and does all the work. `process_info()` asks for CPU ranks the way
+`Accelerator()` does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ProcessInfo:
+    """This process's rank among `world` processes and its default device."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes the output."""
+        return self.rank == 0
+
+
+def process_info() -> ProcessInfo:
+    """Rank, world size and device; under `accelerate launch` / torchrun this joins the process group."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        state = PartialState(cpu=forced_cpu or not torch.cuda.is_available())
+        return ProcessInfo(rank=state.process_index, world=state.num_processes, device=str(state.device))
+    return ProcessInfo(device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def gather_to_all(obj: Any, info: ProcessInfo) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every process (just [obj] in a single process)."""
+    if info.world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * info.world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def wait_for_everyone(info: ProcessInfo) -> None:
+    """A barrier across the processes (nothing in a single process)."""
+    if info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

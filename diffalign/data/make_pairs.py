@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from diffalign.errors import UserError
-from diffalign.io import atomic_path
+from diffalign.io import atomic_path, write_text_atomic
 
 COLUMNS = ["caption", "jpg_0", "jpg_1", "label_0", "score_0", "score_1", "seed_0", "seed_1", "prompt_index"]
 
@@ -100,8 +100,6 @@ def check_resume_settings(parts: Path, settings: dict, is_main: bool) -> None:
                 "the same settings to resume it, or delete that folder to start over"
             )
     elif is_main:
-        from diffalign.io import write_text_atomic
-
         write_text_atomic(recorded, json.dumps(settings, indent=2))
 
 

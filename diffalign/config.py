@@ -40,6 +40,9 @@ class ModelConfig:
     """Weights dtype of the frozen parts (VAE, text encoders). Trainable weights stay float32."""
     resolution: int | None = bounded(None, ge=8)
     """Training/sampling resolution in pixels; default: the family's native resolution."""
+    vae: str | None = None
+    """Another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; a float16 VAE whose config sets
+    force_upcast runs in float32 either way."""
 
 
 @dataclass
@@ -63,6 +66,17 @@ class DPOConfig:
     loss: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
     label_smoothing: float = bounded(0.0, ge=0, le=0.5)
     """Conservative DPO label smoothing for the sigmoid loss (0 = off)."""
+
+
+@dataclass
+class TimestepConfig:
+    """How training timesteps (noise levels) are drawn for the denoising losses."""
+
+    weighting: Literal["default", "uniform", "logit_normal", "mode"] = "default"
+    """default: the family's reference (uniform for SD/SDXL/FLUX, logit_normal for SD3 as diffusers' SD3 scripts)."""
+    logit_mean: float = 0.0
+    logit_std: float = bounded(1.0, gt=0)
+    mode_scale: float = 1.29
 
 
 @dataclass
@@ -130,6 +144,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

@@ -10,8 +10,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# The four families (and SD with v-prediction, FLUX schnell-like without guidance embedding).
+# The four families, each tiny pipeline carrying a real checkpoint's published scheduler and VAE settings
+# (diffalign/models/published): sd = SD 1.5 (PNDM), sd-v = SD 2.1 (DDIM, v-prediction), sdxl = SDXL base (Euler,
+# force_upcast VAE), sd3 = SD3.5 (shifted flow matching), flux = FLUX.1-dev (dynamic shifting), flux-schnell.
 FAMILY_KINDS = ["sd", "sd-v", "sdxl", "sd3", "flux", "flux-schnell"]
+# ... plus the few-step Turbos, which differ only in their scheduler (trailing Euler / Euler-Ancestral).
+ALL_KINDS = [*FAMILY_KINDS, "sd-turbo", "sdxl-turbo"]
 _BUILT: dict[str, object] = {}
 
 

@@ -87,6 +87,20 @@ def test_transform_resizes_crops_and_flips_both_images_alike():
     assert td.tolist()[2:4] == [0, 16]
 
 
+def test_sdxl_crop_coordinates_are_those_of_the_flipped_image():
+    """Flip, then crop (diffusers' SDXL scripts): time_ids' crop_left locates the crop in the flipped image the model
+    sees. Before, the crop was taken unflipped and then flipped, so crop_left described another window."""
+    import torch.nn.functional as F
+
+    image = torch.rand(3, 40, 60, generator=torch.Generator().manual_seed(0))
+    choices = PairChoices(crop_u=0.0, crop_v=0.25, flip=True, empty_caption=False)
+    (out,), (time_ids,) = PairTransform(32, random_crop=True)([image], choices)
+    top, left = int(time_ids[2]), int(time_ids[3])
+    assert (top, left) == (0, 4)  # int(0.25 * (48 - 32))
+    resized = F.interpolate(image[None], size=(32, 48), mode="bicubic", antialias=True, align_corners=False)[0]
+    torch.testing.assert_close(out, resized.flip(-1)[:, top : top + 32, left : left + 32].clamp(0, 1))
+
+
 def stream_batches(path, count: int, position: int = 0, rank: int = 0, world: int = 1, **options) -> list[dict]:
     cfg = data_cfg(path, streaming=True, **options)
     batches = PairBatches(

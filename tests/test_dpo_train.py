@@ -293,3 +293,18 @@ def test_cli_rejects_bad_data_or_reward_before_loading_the_model(data, message, 
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.name=tiny-flux", "model.resolution=30"], "resolution 30 is not a multiple of 4 for flux: use 28 or 32"),
+        (["model.dtype=float16", "mixed_precision=bf16"], "model.dtype float16 with mixed_precision bf16"),
+    ],
+)
+def test_settings_the_model_cannot_run_are_one_line_errors(overrides, message, pairs_file, tmp_path):
+    """A resolution FLUX cannot pack (was a raw RuntimeError in the transformer) and float16 weights under bf16
+    autocast (CPU kernels refuse the mix) fail before training with one line."""
+    base = [f"data.source={pairs_file}", f"output_dir={tmp_path / 'o'}", "report_to=none", "max_steps=1"]
+    with pytest.raises(UserError, match=message):
+        train_in_process(["model.name=tiny-sd", *base, *overrides])

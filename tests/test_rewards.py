@@ -6,6 +6,7 @@ ImageReward). Also: the weighted mix, the spec language and its errors, preproce
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -434,6 +435,56 @@ def blip_reference_score(
     for index in (0, 2, 4, 6, 7):
         x = lin(f"mlp.layers.{index}", x)
     return ((x - 0.16717362830052426) / 1.0333394966054072).squeeze(-1)
+
+
+def test_aesthetic_crops_like_torchvision_center_crop(tiny):
+    """The official predictor preprocesses with clip.load's torchvision CenterCrop, which rounds the offset: for a
+    35-row image cropped to 32 it starts at row round(1.5) = 2 (transformers' processors floor it to row 1)."""
+    reward = load(tiny, "aesthetic")
+    assert reward.preprocess.crop == (32, 32) and reward.preprocess.resize == 32
+    images = torch.rand(2, 3, 35, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(reward(images, ["x"] * 2), reward(images[:, :, 2:34, :], ["x"] * 2), atol=1e-6, rtol=0)
+    assert (reward(images, ["x"] * 2) - reward(images[:, :, 1:33, :], ["x"] * 2)).abs().max() > 1e-6
+
+
+def test_default_aesthetic_head_must_be_the_published_file(tiny, monkeypatch):
+    """The default head comes from a third-party mirror: its sha256 is checked against the official file's."""
+    import diffalign.rewards.aesthetic as aesthetic
+    from diffalign.errors import UserError
+    from diffalign.rewards import load_reward
+
+    monkeypatch.setattr(aesthetic, "resolve_file", lambda *args: tiny["aesthetic_head"])
+    with pytest.raises(UserError, match="not the published file"):
+        load_reward(f"aesthetic:clip={tiny['aesthetic_clip']}")
+    load_reward(f"aesthetic:clip={tiny['aesthetic_clip']}:head={tiny['aesthetic_head']}")  # a given file: used as is
+
+
+def test_processor_config_resampling_without_torch_equivalent_is_an_error(tiny, tmp_path):
+    import shutil
+
+    from diffalign.errors import UserError
+    from diffalign.rewards import load_reward
+
+    folder = tmp_path / "clip"
+    shutil.copytree(tiny["clip"], folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(config | {"resample": 1}))  # PIL LANCZOS
+    with pytest.raises(UserError, match="resample=1"):
+        load_reward(f"clip:model={folder}")
+
+
+def test_a_clip_folder_without_preprocessor_config_warns_which_defaults_it_uses(tiny, tmp_path, caplog):
+    import shutil
+
+    from diffalign.rewards import load_reward
+
+    folder = tmp_path / "clip"
+    shutil.copytree(tiny["clip"], folder)
+    (folder / "preprocessor_config.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        reward = load_reward(f"clip:model={folder}")
+    assert "no preprocessor_config.json" in caplog.text and "CLIP defaults" in caplog.text
+    assert reward.encoder.preprocess.mean == CLIP_MEAN
 
 
 def test_imagereward_matches_the_blip_math_on_the_published_keys(tiny):

@@ -26,7 +26,7 @@ from diffalign.io import atomic_dir
 from diffalign.models import Family
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: flipped pairs carry their own SDXL crop coordinates
 SHARD_SIZE = 256
 
 
@@ -83,7 +83,7 @@ def build_cache(
     from rich.progress import Progress
 
     transform = PairTransform(resolution, random_crop=False)
-    no_flip = PairChoices(0.5, 0.5, flip=False, empty_caption=False)
+    flips = [False, True] if cfg.random_flip else [False]
     skipped, shard, shards = 0, [], 0
     root = Path(cfg.source).expanduser().parent if Path(cfg.source).expanduser().exists() else None
     with atomic_dir(cache_dir, marker="meta.json") as tmp, Progress(disable=not progress, transient=True) as bar:
@@ -97,20 +97,17 @@ def build_cache(
                 log.warning("skipping pair at row %d: cannot decode an image (%s: %s)", row, type(e).__name__, e)
                 skipped += 1
                 continue
-            (image_w, image_l), (time_w, time_l) = transform(images, no_flip)
-            item = {
-                "row": torch.tensor(row),
-                "preference": torch.tensor(p, dtype=torch.float32),
-                "time_ids_w": time_w,
-                "time_ids_l": time_l,
-            }
-            pixels = torch.stack([image_w, image_l])
-            if cfg.random_flip:
-                pixels = torch.cat([pixels, pixels.flip(-1)])
-            latents = family.encode_images(pixels.to(family.device), sample=False).cpu()
-            item["latents_w"], item["latents_l"] = latents[0], latents[1]
-            if cfg.random_flip:
-                item["latents_w_flip"], item["latents_l_flip"] = latents[2], latents[3]
+            item = {"row": torch.tensor(row), "preference": torch.tensor(p, dtype=torch.float32)}
+            pixels = []
+            for flip in flips:  # exactly what the uncached path computes for each flip choice
+                pair, time_ids = transform(images, PairChoices(0.5, 0.5, flip=flip, empty_caption=False))
+                suffix = "_flip" if flip else ""
+                item[f"time_ids_w{suffix}"], item[f"time_ids_l{suffix}"] = time_ids
+                pixels += pair
+            latents = family.encode_images(torch.stack(pixels).to(family.device), sample=False).cpu()
+            for n_flip, flip in enumerate(flips):
+                suffix = "_flip" if flip else ""
+                item[f"latents_w{suffix}"], item[f"latents_l{suffix}"] = latents[2 * n_flip], latents[2 * n_flip + 1]
             caption = str(record[cfg.caption_column] or "")
             for name, value in family.encode_prompts([caption]).items():
                 item[f"cond.{name}"] = value[0].cpu()
@@ -165,7 +162,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
             for name in ("latents_w", "latents_l"):
                 item[name] = f.get_slice(name + suffix)[i]
             for name in ("time_ids_w", "time_ids_l"):
-                item[name] = f.get_slice(name)[i]
+                item[name] = f.get_slice(name + suffix)[i]
             item["preference"] = float(f.get_slice("preference")[i])
             cond = {k[len("cond.") :]: f.get_slice(k)[i] for k in f.keys() if k.startswith("cond.")}  # noqa: SIM118
         if choices.empty_caption:

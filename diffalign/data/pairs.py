@@ -149,8 +149,9 @@ def draw_choices(seed: int, epoch: int, row: int, cfg: DataConfig) -> PairChoice
 
 @dataclass
 class PairTransform:
-    """Resize the shorter side to `resolution` (bicubic, antialiased), crop a square (random or centre), flip — the
-    same crop and flip for both images of a pair, as the Diffusion-DPO scripts do."""
+    """Resize the shorter side to `resolution` (bicubic, antialiased), flip, crop a square (random or centre) — the
+    same flip and crop for both images of a pair, as the Diffusion-DPO scripts do. The flip comes before the crop
+    (as diffusers' SDXL scripts), so SDXL's crop coordinates are those of the flipped image the model sees."""
 
     resolution: int
     random_crop: bool = False
@@ -164,10 +165,11 @@ class PairTransform:
             scale = r / min(h, w)
             nh, nw = max(r, round(h * scale)), max(r, round(w * scale))
             resized = F.interpolate(image[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+            if choices.flip:
+                resized = resized.flip(-1)
             top = int(choices.crop_u * (nh - r)) if self.random_crop else (nh - r) // 2
             left = int(choices.crop_v * (nw - r)) if self.random_crop else (nw - r) // 2
-            crop = resized[0, :, top : top + r, left : left + r].clamp(0, 1)
-            out.append(crop.flip(-1) if choices.flip else crop)
+            out.append(resized[0, :, top : top + r, left : left + r].clamp(0, 1))
             time_ids.append(torch.tensor([h, w, top, left, r, r], dtype=torch.float32))
         return out, time_ids
 

@@ -39,8 +39,10 @@ def sample_images(
     batch_size: int = 16,
     progress: bool = False,
 ) -> Tensor:
-    """Images [N,3,H,W] in [0,1] for prompts[i] with seeds[i], using the family's sampler (equal to the stock
-    pipeline's for eta = 0) and its default settings unless overridden."""
+    """Images [N,3,H,W] in [0,1] for prompts[i] with seeds[i], using the family's sampler and its default settings
+    unless overridden. The family sampler is DDIM (UNet families) or flow-matching Euler (SD3/FLUX): at eta = 0 it
+    gives the stock pipeline's images when the pipeline's scheduler is DDIM / FlowMatchEuler; with another stock
+    scheduler (SD 1.5's PNDM, SDXL's Euler, a DPM-Solver) it is another discretisation of the same model."""
     if len(prompts) != len(seeds):
         raise ValueError("sample_images: one seed per prompt")
     settings = sampling_settings(family, num_steps, guidance_scale, eta)

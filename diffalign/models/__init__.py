@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from diffalign.errors import UserError
-from diffalign.hub import TINY_PREFIX, offline, resolve_model
+from diffalign.hub import TINY_PREFIX, offline, quiet_hf_logs, resolve_model
 from diffalign.models.base import Cond, Family, Schedule, cond_cat, cond_expand, cond_select, cond_to
 from diffalign.models.flux import FluxFamily
 from diffalign.models.sd import SDFamily
@@ -45,9 +45,18 @@ def family_for_pipeline(pipe) -> Family:
 
 
 def load_family(
-    name: str, *, dtype: str = "float32", device: str | torch.device = "cpu", revision: str | None = None, seed: int = 0
+    name: str,
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    seed: int = 0,
+    vae: str | None = None,
 ) -> Family:
-    """Load a pipeline by name ('toy', 'tiny-<family>', hub id or local folder) and wrap it in its family."""
+    """Load a pipeline by name ('toy', 'tiny-<kind>', hub id or local folder) in `dtype` and wrap it in its family.
+
+    `vae`: another AutoencoderKL (hub id or local folder, e.g. madebyollin/sdxl-vae-fp16-fix) to use instead of the
+    pipeline's. A float16 VAE whose config sets force_upcast runs in float32 (see `Family._upcast_vae_if_needed`)."""
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     resolved = resolve_model(name, revision)
@@ -59,7 +68,8 @@ def load_family(
             raise UserError(
                 f"unknown tiny model {name!r}; choose one of " + ", ".join(TINY_PREFIX + k for k in TINY_BUILDERS)
             )
-        pipe = TINY_BUILDERS[kind](seed=seed)
+        with quiet_hf_logs("diffusers"):  # "cast with to(): modules kept in float32: []" (there are none)
+            pipe = TINY_BUILDERS[kind](seed=seed).to(dtype=DTYPES[dtype])
     else:
         from diffusers import DiffusionPipeline
 
@@ -68,13 +78,37 @@ def load_family(
                 resolved, dtype=DTYPES[dtype], revision=revision, local_files_only=offline()
             )
         except (OSError, ValueError) as e:  # diffusers' words for a missing, incomplete or corrupt component
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"model {name!r} could not be loaded: {reason}") from e
-    pipe.to(device)
+            raise UserError(f"model {name!r} could not be loaded: {first_line(e)}") from e
+    with quiet_hf_logs("diffusers"):  # "float16 pipelines cannot run on cpu": they do (torch has CPU fp16 kernels)
+        pipe.to(device)
     family = family_for_pipeline(pipe)
+    if vae is not None:
+        family.set_vae(load_vae(vae, DTYPES[dtype]))
     if resolved.startswith(TINY_PREFIX):
         family.sampling_defaults.update(TINY_SAMPLING)
     defaults = Path(resolved) / SAMPLING_DEFAULTS_FILE
     if defaults.is_file():
         family.sampling_defaults.update(json.loads(defaults.read_text()))
     return family
+
+
+def load_vae(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """An AutoencoderKL from a hub id or a local folder (a `vae/` subfolder of a pipeline folder works too)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(name).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(f"VAE {name}: {path} has no config.json (save it with vae.save_pretrained(folder))")
+    if not path.exists() and name.count("/") != 1:
+        raise UserError(f"VAE {name!r} is neither a local folder nor a hub id of the form owner/name")
+    try:
+        source = str(path) if path.exists() else name
+        return AutoencoderKL.from_pretrained(source, dtype=dtype, local_files_only=offline())
+    except (OSError, ValueError) as e:
+        raise UserError(f"VAE {name!r} could not be loaded: {first_line(e)}") from e
+
+
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (or its type when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

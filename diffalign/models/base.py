@@ -42,7 +42,11 @@ def cond_select(cond: Cond, index: Tensor | slice | Sequence[int]) -> Cond:
 
 
 def cond_cat(conds: Sequence[Cond]) -> Cond:
-    """Concatenate conditionings along the batch dimension."""
+    """Concatenate conditionings along the batch dimension; they must hold the same keys."""
+    keys = set(conds[0])
+    for cond in conds[1:]:
+        if set(cond) != keys:
+            raise ValueError(f"cond_cat: conditionings with different keys ({sorted(keys)} vs {sorted(cond)})")
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
@@ -106,6 +110,7 @@ class Family:
             "resolution": None,
         }
         pipe.set_progress_bar_config(disable=True)
+        self._upcast_vae_if_needed()
 
     # ---------------------------------------------------------------------------------------------- components
     @property
@@ -125,7 +130,8 @@ class Family:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.denoiser.parameters()).dtype
+        """The dtype of the module `denoise` calls (the frozen reference copy may differ from the trained one)."""
+        return next(self.model.parameters()).dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -140,9 +146,23 @@ class Family:
         """The resolution the denoiser was configured for (its sample_size in latent pixels x VAE factor)."""
         return int(self.denoiser.config.sample_size) * self.vae_scale_factor
 
+    @property
+    def resolution_multiple(self) -> int:
+        """Image sides must be a multiple of this (the VAE factor; x2 where the denoiser patches or packs latents)."""
+        return self.vae_scale_factor
+
+    def check_resolution(self, resolution: int) -> int:
+        """`resolution` if the model can take it, else a one-line UserError naming the nearest ones that work."""
+        step = self.resolution_multiple
+        if resolution % step:
+            low, high = resolution // step * step, (resolution // step + 1) * step
+            nearest = f"{low} or {high}" if low > 0 else str(high)
+            raise UserError(f"resolution {resolution} is not a multiple of {step} for {self.name}: use {nearest}")
+        return resolution
+
     def latent_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
         """Shape of the latents for `batch_size` images of `resolution` (default native) pixels."""
-        side = (resolution or self.native_resolution) // self.vae_scale_factor
+        side = self.check_resolution(resolution or self.native_resolution) // self.vae_scale_factor
         return (batch_size, self.latent_channels, side, side)
 
     def text_encoders(self) -> list[nn.Module]:
@@ -174,7 +194,47 @@ class Family:
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------- training
-    def sample_train_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:  # family-specific
+    default_timestep_weighting: ClassVar[str] = "uniform"
+    """What the reference training scripts of this family draw timesteps from (see `sample_train_timesteps`)."""
+
+    def sample_train_timesteps(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        weighting: str = "default",
+        *,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+    ) -> Tensor:
+        """n training timesteps (0..1000 scale) drawn with `weighting`: "uniform" over the training timesteps,
+        "logit_normal" (u = sigmoid(N(logit_mean, logit_std))) or "mode" (Esser et al. 2024, eq. 20, `mode_scale`),
+        via diffusers' `compute_density_for_timestep_sampling` as its SD3 scripts do; "default" is the family's choice
+        (`default_timestep_weighting`). u in [0, 1) picks a position from the noisiest timestep (u = 0) to the
+        cleanest, so the non-uniform schemes mean the same on every family. All draws come from `generator`."""
+        if weighting == "default":
+            weighting = self.default_timestep_weighting
+        count = self.num_train_positions
+        if weighting == "uniform":
+            index = torch.randint(0, count, (n,), generator=generator)
+        else:
+            from diffusers.training_utils import compute_density_for_timestep_sampling
+
+            if weighting not in ("logit_normal", "mode"):
+                raise ValueError(f"unknown timestep weighting {weighting!r}: uniform, logit_normal or mode")
+            u = compute_density_for_timestep_sampling(
+                weighting, n, logit_mean, logit_std, mode_scale, device="cpu", generator=generator
+            )
+            index = (u * count).long().clamp(0, count - 1)
+        return self.timesteps_at(index).to(self.device)
+
+    @property
+    def num_train_positions(self) -> int:  # family-specific
+        """How many training timesteps there are to draw from."""
+        raise NotImplementedError
+
+    def timesteps_at(self, index: Tensor) -> Tensor:  # family-specific
+        """The training timesteps at positions `index` (0 = the noisiest)."""
         raise NotImplementedError
 
     def noisy_and_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
@@ -227,9 +287,12 @@ class Family:
     def initial_noise(
         self, batch_size: int, resolution: int | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Initial latents x_T ~ N(0, I) (scaled by the scheduler's init sigma)."""
+        """Initial latents x_T ~ N(0, I) for the family's own sampler (DDIM and flow Euler start at unit variance).
+
+        Never scaled by the pipeline scheduler's `init_noise_sigma`: an Euler-type scheduler (SDXL, the Turbos) keeps
+        x = x0 + sigma * eps and starts at sigma ~ 14.6, which is not the variable the family's sampler steps."""
         noise = torch.randn(self.latent_shape(batch_size, resolution), generator=generator, dtype=torch.float32)
-        return noise.to(self.device) * float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0))
+        return noise.to(self.device)
 
     def sample(
         self,
@@ -269,6 +332,20 @@ class Family:
         return x
 
     # ---------------------------------------------------------------------------------------------------- VAE
+    def _upcast_vae_if_needed(self) -> None:
+        """A float16 VAE whose config sets `force_upcast` (SDXL's, SD3's, FLUX's) runs in float32, as the stock SDXL
+        pipeline does and diffusers' SDXL DPO script keeps it ("to avoid NaN losses"); an fp16-fix VAE
+        (force_upcast false) stays in float16."""
+        if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            with quiet_hf_logs("diffusers"):  # "cast with to(): modules kept in float32: []" (there are none)
+                self.vae.to(torch.float32)
+
+    def set_vae(self, vae: nn.Module) -> None:
+        """Replace the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix), frozen, on the pipeline's device."""
+        vae = vae.to(self.vae.device).requires_grad_(False).eval()
+        self.pipe.register_modules(vae=vae)
+        self._upcast_vae_if_needed()
+
     @property
     def _vae_scale_shift(self) -> tuple[float, float]:
         cfg = self.vae.config
@@ -319,10 +396,12 @@ class Family:
         return params
 
     def enable_full_finetune(self) -> list[nn.Parameter]:
-        """Freeze VAE and text encoders, make every denoiser weight trainable and keep a frozen reference copy."""
+        """Freeze VAE and text encoders, keep a frozen reference copy (in the load dtype) and make every denoiser
+        weight trainable in float32: half-precision weights would lose most small updates (one AdamW step at lr
+        1e-5 changed 6.9% of bf16 weights); mixed precision autocasts the compute, not the weights."""
         self.freeze()
         self._reference_module = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
-        self.denoiser.requires_grad_(True)
+        self.denoiser.to(torch.float32).requires_grad_(True)
         return self.trainable_parameters()
 
     @contextlib.contextmanager
@@ -343,15 +422,19 @@ class Family:
                 yield
 
     def lora_state_dict(self) -> dict[str, Tensor]:
-        """LoRA weights of the denoiser in the diffusers naming (without the 'unet.'/'transformer.' prefix)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """LoRA weights of the denoiser with peft's key names (`...to_q.lora_A.weight`, no 'unet.' prefix).
+
+        Saved as they are, like diffusers' SD3 and FLUX LoRA scripts do. NOT through
+        `convert_state_dict_to_diffusers`, which renames only to_q/to_k/to_v/to_out.0 keys: with any other target
+        the file mixes two formats, and the stock loader (which picks the format from the first key) silently drops
+        the adapters of one of them (SD3 with add_*_proj targets: 15 modules -> 7)."""
         from peft.utils import get_peft_model_state_dict
 
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser))
+        return get_peft_model_state_dict(self.denoiser)
 
     def save_lora(self, folder: str | Path) -> Path:
         """Save the adapter as `pytorch_lora_weights.safetensors` with its config metadata (rank, alpha, targets), so
-        stock `pipe.load_lora_weights(folder)` reproduces it exactly."""
+        stock `pipe.load_lora_weights(folder)` restores every adapted module exactly."""
         if self.lora is None:
             raise RuntimeError("save_lora: this model has no LoRA adapter (call add_lora first)")
         folder = Path(folder)
@@ -374,3 +457,13 @@ class Family:
             raise UserError(f"LoRA {folder} {problem}: give a folder written by save_lora or save_lora_weights")
         with quiet_hf_logs("diffusers"):  # e.g. "no LoRA keys for the text encoder": true of every denoiser-only LoRA
             self.pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
+        config = self.denoiser.peft_config[adapter_name or list(self.denoiser.peft_config)[-1]]
+        self.lora = LoraSpec(rank=config.r, alpha=float(config.lora_alpha), targets=sorted(config.target_modules or []))
+
+    def unload_lora(self) -> None:
+        """Remove every LoRA adapter from the denoiser (added or loaded): back to the base model."""
+        if getattr(self.denoiser, "peft_config", None):
+            self.pipe.unload_lora_weights()
+            if getattr(self.denoiser, "peft_config", None):  # an adapter added by add_lora is not the pipeline's
+                self.denoiser.delete_adapters(list(self.denoiser.peft_config))
+        self.lora = None

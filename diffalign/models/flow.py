@@ -27,10 +27,14 @@ class FlowFamily(Family):
         self.train_sigmas = train.sigmas[: len(train.timesteps)].to(torch.float32)
 
     # ---------------------------------------------------------------------------------------------- training
-    def sample_train_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Uniform over the scheduler's training timesteps (as diffusers' flow-matching training scripts do)."""
-        index = torch.randint(0, len(self.train_timesteps), (n,), generator=generator)
-        return self.train_timesteps[index].to(self.device)
+    @property
+    def num_train_positions(self) -> int:
+        return len(self.train_timesteps)
+
+    def timesteps_at(self, index: Tensor) -> Tensor:
+        """The scheduler's training timesteps (shift applied, noisiest first), indexed as diffusers' SD3/FLUX training
+        scripts do: `timesteps[(u * num_train_timesteps).long()]`."""
+        return self.train_timesteps[index]
 
     def sigmas_for(self, timesteps: Tensor) -> Tensor:
         """sigma of each training timestep (looked up in the scheduler's table)."""

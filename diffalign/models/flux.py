@@ -26,6 +26,25 @@ class FluxFamily(FlowFamily):
     text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     default_guidance_scale: ClassVar[float] = 1.0  # true CFG off, as in the stock pipeline
     embedded_guidance: float = 3.5
+    default_lora_targets: ClassVar[list[str]] = [  # diffusers' train_dreambooth_lora_flux.py default
+        "attn.to_k",
+        "attn.to_q",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    ]
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Latents are packed in 2x2 patches."""
+        return self.vae_scale_factor * 2
 
     @property
     def max_sequence_length(self) -> int:

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from diffalign.errors import UserError
 from diffalign.models.base import Cond, Family, Schedule
 
 
@@ -23,7 +24,7 @@ class UNetFamily(Family):
 
         # A private DDIM scheduler: its alphas_cumprod serve training and sampling, and the pipeline's own scheduler
         # (which `set_timesteps` mutates) is never touched.
-        self.ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.ddim = DDIMScheduler(**ddim_settings(pipe.scheduler))
         self.alphas_cumprod = self.ddim.alphas_cumprod.to(torch.float32)
         self.num_train_timesteps = int(self.ddim.config.num_train_timesteps)
 
@@ -32,9 +33,21 @@ class UNetFamily(Family):
         return self.ddim.config.prediction_type
 
     # ---------------------------------------------------------------------------------------------- training
-    def sample_train_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """t ~ U{0, ..., T-1}."""
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
+    @property
+    def num_train_positions(self) -> int:
+        return self.num_train_timesteps
+
+    def timesteps_at(self, index: Tensor) -> Tensor:
+        """Uniform weighting: t ~ U{0, ..., T-1} (as the Diffusion-DPO scripts); position 0 is t = T-1."""
+        return self.num_train_timesteps - 1 - index
+
+    def sample_train_timesteps(
+        self, n: int, generator: torch.Generator | None = None, weighting: str = "default", **kw
+    ) -> Tensor:
+        """t ~ U{0, ..., T-1} (DDPM / Diffusion-DPO) by default; see `Family.sample_train_timesteps`."""
+        if weighting in ("default", "uniform"):  # t itself is the uniform draw (the long-standing stream of draws)
+            return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
+        return super().sample_train_timesteps(n, generator, weighting, **kw)
 
     def _alpha(self, t: Tensor, like: Tensor) -> Tensor:
         alpha = self.alphas_cumprod.to(like.device)[t.long().cpu()].to(like.device)
@@ -114,3 +127,40 @@ class SDFamily(UNetFamily):
     def denoise(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype = self.dtype
         return self.model(x.to(dtype), t, encoder_hidden_states=cond["prompt_embeds"].to(dtype), return_dict=False)[0]
+
+
+DDIM_LIKE = ("DDIMScheduler", "PNDMScheduler")
+"""Schedulers whose last step lands on alphas_cumprod[0] unless `set_alpha_to_one` (all others end at sigma 0)."""
+
+
+def ddim_settings(scheduler) -> dict:
+    """The family sampler's DDIM settings for a pipeline whose scheduler is `scheduler`, every one explicit.
+
+    Kept from the pipeline scheduler (they define the model or the stock step grid): the training noise schedule
+    (num_train_timesteps, betas, rescale_betas_zero_snr), prediction_type, timestep_spacing and steps_offset (so a
+    Turbo's 'trailing' 1-step grid starts at t = 999). Set here, never inherited from DDIM's own defaults:
+    clip_sample and thresholding only where the pipeline itself runs DDIM (DDIM's default clip_sample=True would
+    clamp x0 in latent space); set_alpha_to_one from DDIM/PNDM configs, True for every other scheduler (Euler, DPM,
+    ...) whose last step lands on the clean sample. DDIM is exact for the model's forward process; with a non-DDIM
+    stock scheduler (PNDM, Euler, DPM-Solver) the family sampler is a different discretisation of the same model,
+    not a copy of the stock pipeline's output.
+    """
+    cfg = scheduler.config
+    if cfg.get("thresholding", False):
+        raise UserError(f"{type(scheduler).__name__} with thresholding=True is not supported by the family sampler")
+    ddim_like = type(scheduler).__name__ in DDIM_LIKE
+    is_ddim = type(scheduler).__name__ == "DDIMScheduler"
+    return {
+        "num_train_timesteps": cfg.get("num_train_timesteps", 1000),
+        "beta_start": cfg.get("beta_start", 0.0001),
+        "beta_end": cfg.get("beta_end", 0.02),
+        "beta_schedule": cfg.get("beta_schedule", "linear"),
+        "trained_betas": cfg.get("trained_betas"),
+        "rescale_betas_zero_snr": cfg.get("rescale_betas_zero_snr", False),
+        "prediction_type": cfg.get("prediction_type", "epsilon"),
+        "timestep_spacing": cfg.get("timestep_spacing", "leading"),
+        "steps_offset": cfg.get("steps_offset", 0),
+        "set_alpha_to_one": cfg.get("set_alpha_to_one", True) if ddim_like else True,
+        "clip_sample": cfg.get("clip_sample", True) if is_ddim else False,
+        "clip_sample_range": cfg.get("clip_sample_range", 1.0),
+    }

@@ -19,6 +19,21 @@ class SD3Family(FlowFamily):
     pipeline_class_name: ClassVar[str] = "StableDiffusion3Pipeline"
     text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2", "text_encoder_3")
     default_guidance_scale: ClassVar[float] = 7.0
+    default_timestep_weighting: ClassVar[str] = "logit_normal"  # diffusers' SD3 training scripts' default
+    default_lora_targets: ClassVar[list[str]] = [  # diffusers' train_dreambooth_lora_sd3.py default
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_k",
+        "attn.to_out.0",
+        "attn.to_q",
+        "attn.to_v",
+    ]
+
+    @property
+    def resolution_multiple(self) -> int:
+        return self.vae_scale_factor * int(self.denoiser.config.patch_size)
 
     @property
     def max_sequence_length(self) -> int:

@@ -29,7 +29,9 @@ class SDXLFamily(UNetFamily):
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def encode_negative(self, negative_prompt: str | None = None) -> Cond:
-        if not negative_prompt and self.pipe.config.force_zeros_for_empty_prompt:
+        """Zeros when no negative prompt is given and the pipeline sets force_zeros_for_empty_prompt (as the stock
+        pipeline); an explicit "" is encoded like any prompt."""
+        if negative_prompt is None and self.pipe.config.force_zeros_for_empty_prompt:
             cond = self.encode_prompts([""])
             return {k: torch.zeros_like(v) for k, v in cond.items()}
         return self.encode_prompts([negative_prompt or ""])

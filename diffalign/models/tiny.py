@@ -1,14 +1,20 @@
 """Tiny same-class pipelines for every family, built from configs with locally written tokenizers (no downloads).
 
 The classes are exactly those of the real checkpoints (UNet2DConditionModel, SD3Transformer2DModel,
-FluxTransformer2DModel, AutoencoderKL, CLIPTextModel(WithProjection), T5EncoderModel), only narrow. Building is
-deterministic in `seed`. Used by the tests and as the starting point of the toy world's model.
+FluxTransformer2DModel, AutoencoderKL, CLIPTextModel(WithProjection), T5EncoderModel), only narrow, and each tiny
+pipeline carries the scheduler and VAE settings PUBLISHED with a real checkpoint (`published/*.json`, source named in
+each): SD 1.5's PNDM, SD 2.1's v-prediction DDIM, SDXL's Euler and force_upcast VAE, the Turbos' trailing Euler, SD3.5's
+shifted flow matching, FLUX's dynamic shifting. A bug that only a real scheduler or VAE shows is then visible on CPU.
+Building is deterministic in `seed`. Used by the tests and as the starting point of the toy world's model.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 
@@ -142,6 +148,7 @@ def vae(
     norm_num_groups: int | None = None,
     mid_attention: bool = True,
     sample_size: int = TINY_RESOLUTION,
+    force_upcast: bool = True,
 ):
     """An AutoencoderKL with one resnet per block; `len(block_out_channels) - 1` halvings of the resolution."""
     from diffusers import AutoencoderKL
@@ -162,10 +169,12 @@ def vae(
         shift_factor=shift_factor,
         use_quant_conv=quant_conv,
         use_post_quant_conv=quant_conv,
+        force_upcast=force_upcast,
     )
 
 
 def ddim_scheduler(prediction_type: str = "epsilon"):
+    """The toy world's DDIM (SD-1.5 betas, leading spacing, no clipping)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -207,34 +216,76 @@ def unet(
     )
 
 
-def build_tiny_sd(seed: int = 0, prediction_type: str = "epsilon"):
-    """StableDiffusionPipeline: UNet (32, 64), VAE (32, 64), 2-layer CLIP text encoder, DDIM."""
-    from diffusers import StableDiffusionPipeline
+# ------------------------------------------------------------------------------------ the real models' settings
+PUBLISHED_DIR = Path(__file__).resolve().parent / "published"
+"""JSON files holding the scheduler and VAE settings published with real checkpoints (each names its source)."""
 
-    torch.manual_seed(seed)
-    tokenizer = clip_tokenizer()
-    denoiser = unet(cross_attention_dim=32)
-    return StableDiffusionPipeline(
-        vae=vae(),
-        text_encoder=clip_text_model(tokenizer),
-        tokenizer=tokenizer,
-        unet=denoiser,
-        scheduler=ddim_scheduler(prediction_type),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+
+def published(name: str) -> dict:
+    """The published settings of a real checkpoint (`sd15`, `sd21`, `sd-turbo`, `sdxl`, `sdxl-turbo`, `sd35`,
+    `flux-dev`, `flux-schnell`): {"source", "family", "scheduler": scheduler_config.json, "vae": VAE settings}."""
+    return json.loads((PUBLISHED_DIR / f"{name}.json").read_text())
+
+
+def published_scheduler(config: dict):
+    """The diffusers scheduler of a published scheduler_config.json (its `_class_name`, built with from_config)."""
+    import diffusers
+
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def published_vae(settings: dict, **extra):
+    """A tiny AutoencoderKL carrying a real VAE's scaling/shift factors, latent channels, quant convs and
+    force_upcast."""
+    return vae(
+        latent_channels=settings["latent_channels"],
+        scaling_factor=settings["scaling_factor"],
+        shift_factor=settings.get("shift_factor"),
+        quant_conv=settings.get("use_quant_conv", True),
+        force_upcast=settings.get("force_upcast", True),
+        **extra,
     )
 
 
-def build_tiny_sd_v(seed: int = 0):
-    """The tiny SD pipeline with v-prediction (as SD 2.x 768)."""
-    return build_tiny_sd(seed, prediction_type="v_prediction")
+# ------------------------------------------------------------------------------------------------- pipelines
+def in_eval_mode(pipe):
+    """Every component in eval mode, as `from_pretrained` leaves it (T5 has dropout). Returns `pipe`."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
 
 
-def build_tiny_sdxl(seed: int = 0):
-    """StableDiffusionXLPipeline: two CLIP encoders (32 + 32 -> cross-attention 64), text_time embedding."""
+def build_tiny_sd(seed: int = 0, real: str = "sd15"):
+    """StableDiffusionPipeline: UNet (32, 64), VAE (32, 64), 2-layer CLIP text encoder; the scheduler and VAE
+    settings of the real checkpoint `real` (sd15: PNDM; sd21: DDIM v-prediction; sd-turbo: Euler trailing)."""
+    from diffusers import StableDiffusionPipeline
+
+    spec = published(real)
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer()
+    latent_channels = spec["vae"]["latent_channels"]
+    denoiser = unet(cross_attention_dim=32, latent_channels=latent_channels)
+    return in_eval_mode(
+        StableDiffusionPipeline(
+            vae=published_vae(spec["vae"]),
+            text_encoder=clip_text_model(tokenizer),
+            tokenizer=tokenizer,
+            unet=denoiser,
+            scheduler=published_scheduler(spec["scheduler"]),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    )
+
+
+def build_tiny_sdxl(seed: int = 0, real: str = "sdxl"):
+    """StableDiffusionXLPipeline: two CLIP encoders (32 + 32 -> cross-attention 64), text_time embedding; the
+    scheduler and VAE settings of `real` (sdxl: Euler, VAE force_upcast; sdxl-turbo: Euler-Ancestral trailing)."""
     from diffusers import StableDiffusionXLPipeline
 
+    spec = published(real)
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
     denoiser = unet(
@@ -245,35 +296,35 @@ def build_tiny_sdxl(seed: int = 0):
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,
+        latent_channels=spec["vae"]["latent_channels"],
     )
-    return StableDiffusionXLPipeline(
-        vae=vae(scaling_factor=0.13025),
-        text_encoder=clip_text_model(tokenizer),
-        tokenizer=tokenizer,
-        text_encoder_2=clip_text_model(tokenizer, projection=32),
-        tokenizer_2=tokenizer,
-        unet=denoiser,
-        scheduler=ddim_scheduler(),
+    return in_eval_mode(
+        StableDiffusionXLPipeline(
+            vae=published_vae(spec["vae"]),
+            text_encoder=clip_text_model(tokenizer),
+            tokenizer=tokenizer,
+            text_encoder_2=clip_text_model(tokenizer, projection=32),
+            tokenizer_2=tokenizer,
+            unet=denoiser,
+            scheduler=published_scheduler(spec["scheduler"]),
+        )
     )
 
 
-def flow_scheduler(**kwargs):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(shift=3.0, **kwargs)
-
-
-def build_tiny_sd3(seed: int = 0):
-    """StableDiffusion3Pipeline: SD3Transformer2DModel (2 joint blocks), 2 CLIPs with projection + T5, flow matching."""
+def build_tiny_sd3(seed: int = 0, real: str = "sd35"):
+    """StableDiffusion3Pipeline: SD3Transformer2DModel (2 joint blocks), 2 CLIPs with projection + T5; SD3.5's
+    flow-matching scheduler (shift 3) and VAE settings (16 latent channels, scale and shift)."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
+    spec = published(real)
     torch.manual_seed(seed)
     tokenizer, tokenizer_t5 = clip_tokenizer(), t5_tokenizer()
+    latent_channels = spec["vae"]["latent_channels"]
     transformer = SD3Transformer2DModel(
         sample_size=TINY_RESOLUTION // 2,
         patch_size=2,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         num_layers=2,
         attention_head_dim=8,
         num_attention_heads=4,
@@ -282,76 +333,74 @@ def build_tiny_sd3(seed: int = 0):
         pooled_projection_dim=64,
         pos_embed_max_size=32,
     )
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=flow_scheduler(),
-        vae=vae(scaling_factor=1.5305, shift_factor=0.0609, quant_conv=False),
-        text_encoder=clip_text_model(tokenizer, projection=32),
-        tokenizer=tokenizer,
-        text_encoder_2=clip_text_model(tokenizer, projection=32),
-        tokenizer_2=tokenizer,
-        text_encoder_3=t5_encoder(tokenizer_t5),
-        tokenizer_3=tokenizer_t5,
+    return in_eval_mode(
+        StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=published_scheduler(spec["scheduler"]),
+            vae=published_vae(spec["vae"]),
+            text_encoder=clip_text_model(tokenizer, projection=32),
+            tokenizer=tokenizer,
+            text_encoder_2=clip_text_model(tokenizer, projection=32),
+            tokenizer_2=tokenizer,
+            text_encoder_3=t5_encoder(tokenizer_t5),
+            tokenizer_3=tokenizer_t5,
+        )
     )
 
 
-def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True):
-    """FluxPipeline: FluxTransformer2DModel (1 double + 1 single block), CLIP pooled + T5, packed latents.
-    guidance_embeds=True is FLUX.1-dev-like, False schnell-like."""
+def build_tiny_flux(seed: int = 0, real: str = "flux-dev"):
+    """FluxPipeline: FluxTransformer2DModel (1 double + 1 single block), CLIP pooled + T5, packed latents; the
+    scheduler and VAE settings of `real` (flux-dev: guidance embedding, dynamic shifting; flux-schnell: neither)."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
+    spec = published(real)
     torch.manual_seed(seed)
     tokenizer, tokenizer_t5 = clip_tokenizer(), t5_tokenizer()
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=16,
+        in_channels=spec["vae"]["latent_channels"] * 4,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=64,
         pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds,
+        guidance_embeds=real == "flux-dev",
         axes_dims_rope=(4, 4, 8),
     )
-    scheduler = flow_scheduler(
-        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    return in_eval_mode(
+        FluxPipeline(
+            transformer=transformer,
+            scheduler=published_scheduler(spec["scheduler"]),
+            vae=published_vae(spec["vae"]),
+            text_encoder=clip_text_model(tokenizer),
+            tokenizer=tokenizer,
+            text_encoder_2=t5_encoder(tokenizer_t5),
+            tokenizer_2=tokenizer_t5,
+        )
     )
-    return FluxPipeline(
-        transformer=transformer,
-        scheduler=scheduler,
-        vae=vae(scaling_factor=0.3611, shift_factor=0.1159, quant_conv=False),
-        text_encoder=clip_text_model(tokenizer),
-        tokenizer=tokenizer,
-        text_encoder_2=t5_encoder(tokenizer_t5),
-        tokenizer_2=tokenizer_t5,
-    )
 
 
-def build_tiny_flux_schnell(seed: int = 0):
-    return build_tiny_flux(seed, guidance_embeds=False)
+TINY_MODELS: dict[str, tuple[Callable[..., object], str]] = {
+    "sd": (build_tiny_sd, "sd15"),
+    "sd-v": (build_tiny_sd, "sd21"),
+    "sd-turbo": (build_tiny_sd, "sd-turbo"),
+    "sdxl": (build_tiny_sdxl, "sdxl"),
+    "sdxl-turbo": (build_tiny_sdxl, "sdxl-turbo"),
+    "sd3": (build_tiny_sd3, "sd35"),
+    "flux": (build_tiny_flux, "flux-dev"),
+    "flux-schnell": (build_tiny_flux, "flux-schnell"),
+}
+"""`tiny-<kind>` -> (builder, the real checkpoint whose scheduler and VAE settings it carries)."""
 
 
-def _eval(builder: Callable[..., object]) -> Callable[..., object]:
-    """Wrap a builder so every component is in eval mode, as `from_pretrained` leaves it (T5 has dropout)."""
-
-    def build(seed: int = 0):
-        pipe = builder(seed)
-        for component in pipe.components.values():
-            if isinstance(component, torch.nn.Module):
-                component.eval()
-        return pipe
-
-    build.__doc__ = builder.__doc__
-    return build
+def build_tiny(kind: str, seed: int = 0):
+    """The tiny pipeline `tiny-<kind>` (see TINY_MODELS), deterministic in `seed`."""
+    builder, real = TINY_MODELS[kind]
+    return builder(seed, real=real)
 
 
 TINY_BUILDERS: dict[str, Callable[..., object]] = {
-    "sd": build_tiny_sd,
-    "sd-v": build_tiny_sd_v,
-    "sdxl": build_tiny_sdxl,
-    "sd3": build_tiny_sd3,
-    "flux": build_tiny_flux,
-    "flux-schnell": build_tiny_flux_schnell,
+    kind: functools.partial(builder, real=real) for kind, (builder, real) in TINY_MODELS.items()
 }
-TINY_BUILDERS = {name: _eval(builder) for name, builder in TINY_BUILDERS.items()}
+"""`tiny-<kind>` -> builder(seed)."""

@@ -1,8 +1,12 @@
 """LAION improved aesthetic predictor (christophschuhmann/improved-aesthetic-predictor).
 
 A linear MLP head (`sac+logos+ava1-l14-linearMSE.pth`) on the L2-normalised image embedding of CLIP ViT-L/14
-(`openai/clip-vit-large-patch14`: projection output, 768 wide); 224 px, bicubic, center crop, CLIP mean/std.
+(`openai/clip-vit-large-patch14`: projection output, 768 wide); 224 px, bicubic, center crop rounded like
+torchvision's CenterCrop (the official code preprocesses with `clip.load`'s torchvision transform), CLIP mean/std.
 Scores are on the 1-10 rating scale. Prompts are ignored.
+
+The default head comes from a third-party hub mirror of the official GitHub file, so its sha256 is pinned to the
+official file's: a different file there is an error. A head given as a local file (`head=`) is used as it is.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ from torch import Tensor
 from diffalign.errors import UserError
 from diffalign.hub import quiet_hf_logs
 from diffalign.rewards.base import Reward
-from diffalign.rewards.encoders import preprocess_from_processor_config
+from diffalign.rewards.encoders import processor_preprocess
 from diffalign.rewards.heads import head_from_state_dict
-from diffalign.rewards.weights import load_checkpoint, optional_file, read_json, resolve_file, resolve_pretrained
+from diffalign.rewards.weights import check_sha256, load_checkpoint, resolve_file, resolve_pretrained
 
 AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
 AESTHETIC_HEAD_REPO = "camenduru/improved-aesthetic-predictor"
 AESTHETIC_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_HEAD_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
+"""sha256 of christophschuhmann/improved-aesthetic-predictor's sac+logos+ava1-l14-linearMSE.pth."""
 
 
 class AestheticReward(Reward):
@@ -35,6 +41,8 @@ class AestheticReward(Reward):
         from transformers import CLIPConfig, CLIPVisionModelWithProjection
 
         head_path = resolve_file(head, AESTHETIC_HEAD_FILE, self.name, "head")
+        if head == AESTHETIC_HEAD_REPO:
+            check_sha256(head_path, AESTHETIC_HEAD_SHA256, self.name)
         self.head = head_from_state_dict(load_checkpoint(head_path, self.name), "", self.name)
         clip_path = resolve_pretrained(clip, self.name, "clip")
         with quiet_hf_logs("transformers"):  # the text tower's weights are in the file but not loaded: no report
@@ -46,9 +54,7 @@ class AestheticReward(Reward):
                 f"aesthetic: the head takes {self.head.input_width}-wide embeddings but {clip} projects to "
                 f"{self.vision.config.projection_dim}: use CLIP ViT-L/14"
             )
-        config_file = optional_file(clip_path, "preprocessor_config.json")
-        config = read_json(config_file) if config_file else {}
-        self.preprocess = preprocess_from_processor_config(config, self.vision.config.image_size)
+        self.preprocess = processor_preprocess(clip_path, self.vision.config.image_size, self.name, "round")
         self.freeze()
 
     def forward(self, images: Tensor, prompts: list[str] | None = None) -> Tensor:

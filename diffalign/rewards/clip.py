@@ -1,5 +1,10 @@
 """CLIP score: `scale * cosine(image embedding, prompt embedding)` with any CLIP.
 
+Exactly: `scale * cos` with scale 100 by default and no clamping (a negative cosine gives a negative score), embeddings
+L2-normalised, prompts truncated to the text tower's length; default model `openai/clip-vit-large-patch14`. This is
+the form ReNO and AlignProp optimise. It is NOT CLIPScore as published (Hessel et al. 2021: 2.5 * max(cos, 0)) nor
+torchmetrics' CLIPScore (100 * max(cos, 0)): for cos > 0 those are `scale=2.5` / `scale=100` here.
+
 `model` is a transformers CLIP (hub id such as openai/clip-vit-large-patch14, or a save_pretrained folder whose
 preprocessor_config.json sets the image preprocessing), or an open_clip model: a built-in name with `pretrained`
 (tag such as laion2b_s34b_b79k, or a weights file), `hf-hub:org/repo`, or `local-dir:/folder`.

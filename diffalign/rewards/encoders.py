@@ -8,6 +8,8 @@ gradients reach the pixels. transformers and open_clip are imported only when an
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -17,6 +19,7 @@ from diffalign.hub import quiet_hf_logs
 from diffalign.rewards.base import CLIP_MEAN, CLIP_STD, Preprocess
 from diffalign.rewards.weights import optional_file, read_json, resolve_pretrained
 
+log = logging.getLogger(__name__)
 RESAMPLE_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 """PIL resample codes in processor configs -> torch interpolation modes (LANCZOS has no torch equivalent)."""
 
@@ -27,9 +30,12 @@ def _pair(value: Any) -> tuple[int, int]:
     return int(value), int(value)
 
 
-def preprocess_from_processor_config(config: dict[str, Any], default_size: int) -> Preprocess:
+def preprocess_from_processor_config(
+    config: dict[str, Any], default_size: int, crop_rounding: str = "floor", what: str = "clip"
+) -> Preprocess:
     """A `Preprocess` equivalent to a transformers CLIP image processor config (size, crop_size, mean, std, resample),
-    with transformers' floor rounding of the crop offsets.
+    with transformers' floor rounding of the crop offsets (or `crop_rounding="round"`: torchvision's CenterCrop).
+    A resample code with no torch equivalent (LANCZOS, BOX, HAMMING) is an error, never a silent substitute.
 
     `size` {"shortest_edge": n} or an int resizes the shorter side; {"height", "width"} resizes to that exact size.
     """
@@ -45,8 +51,33 @@ def preprocess_from_processor_config(config: dict[str, Any], default_size: int) 
     crop = _pair(config.get("crop_size", default_size)) if config.get("do_center_crop", True) else None
     mean = tuple(config.get("image_mean", CLIP_MEAN)) if config.get("do_normalize", True) else (0.0, 0.0, 0.0)
     std = tuple(config.get("image_std", CLIP_STD)) if config.get("do_normalize", True) else (1.0, 1.0, 1.0)
-    mode = RESAMPLE_MODES.get(int(config.get("resample", 3)), "bicubic")
-    return Preprocess(resize=resize, crop=crop, mean=mean, std=std, interpolation=mode, crop_rounding="floor")
+    resample = int(config.get("resample", 3))
+    if resample not in RESAMPLE_MODES:
+        known = ", ".join(f"{code} ({mode})" for code, mode in RESAMPLE_MODES.items())
+        raise UserError(f"{what}: preprocessor_config.json asks for resample={resample}; supported: {known}")
+    return Preprocess(
+        resize=resize,
+        crop=crop,
+        mean=mean,
+        std=std,
+        interpolation=RESAMPLE_MODES[resample],
+        crop_rounding=crop_rounding,
+    )
+
+
+def processor_preprocess(source: str | Path, default_size: int, what: str, crop_rounding: str = "floor") -> Preprocess:
+    """The torch preprocessing of the `preprocessor_config.json` in `source` (folder or hub repo). Without that file
+    the CLIP defaults are used (shortest edge `default_size`, bicubic, centre crop, CLIP mean/std), with a warning."""
+    config_file = optional_file(str(source), "preprocessor_config.json")
+    if config_file is None:
+        log.warning(
+            "%s: %s has no preprocessor_config.json; using the CLIP defaults (%d px, bicubic, centre crop, CLIP norm)",
+            what,
+            source,
+            default_size,
+        )
+    config = read_json(config_file) if config_file else {}
+    return preprocess_from_processor_config(config, default_size, crop_rounding, what)
 
 
 class HFClip(nn.Module):
@@ -68,9 +99,7 @@ class HFClip(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(processor_path)
         text_positions = self.model.config.text_config.max_position_embeddings
         self.max_length = min(int(self.tokenizer.model_max_length), text_positions)
-        config_file = optional_file(processor_path, "preprocessor_config.json")
-        config = read_json(config_file) if config_file else {}
-        self.preprocess = preprocess_from_processor_config(config, self.model.config.vision_config.image_size)
+        self.preprocess = processor_preprocess(processor_path, self.model.config.vision_config.image_size, what)
 
     def embed_images(self, images: Tensor) -> Tensor:
         """L2-normalised image embeddings [B, D] of images [B, 3, H, W] in [0, 1]."""

@@ -111,3 +111,18 @@ def load_checkpoint(path: Path, what: str) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{what}: cannot read {path} as a weights-only torch checkpoint ({type(e).__name__})") from e
+
+
+def check_sha256(path: Path, expected: str, what: str) -> None:
+    """A UserError unless the file at `path` has the sha256 `expected` (for weights fetched from a mirror)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise UserError(
+            f"{what}: {path} is not the published file (sha256 {digest.hexdigest()[:12]}..., expected "
+            f"{expected[:12]}...); give the official file with head=<file>"
+        )

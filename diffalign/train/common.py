@@ -55,6 +55,12 @@ def make_accelerator(cfg: TrainConfig):
     )
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("mixed_precision: fp16 needs a GPU; use 'no' (or 'bf16') on CPU")
+    half = {"fp16": "float16", "bf16": "bfloat16"}
+    if cfg.mixed_precision in half and cfg.model.dtype not in ("float32", half[cfg.mixed_precision]):
+        raise UserError(
+            f"model.dtype {cfg.model.dtype} with mixed_precision {cfg.mixed_precision} mixes two half-precision types "
+            f"(CPU kernels refuse it): use model.dtype {half[cfg.mixed_precision]} (as diffusers' scripts) or float32"
+        )
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(cfg.seed)

@@ -8,12 +8,13 @@ off, no grad) predict the family's target; `dpo_loss` turns the four errors into
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from diffalign.config import DPOConfig, TrainConfig
+from diffalign.config import DPOConfig, TimestepConfig, TrainConfig
 from diffalign.data.loader import PairBatches, pair_model_inputs
 from diffalign.data.pairs import open_pairs
 from diffalign.hub import resolve_model
@@ -24,12 +25,18 @@ from diffalign.train import common
 
 
 def dpo_step(
-    family: Family, latents: Tensor, cond: Cond, preference: Tensor, cfg: DPOConfig, generator: torch.Generator
+    family: Family,
+    latents: Tensor,
+    cond: Cond,
+    preference: Tensor,
+    cfg: DPOConfig,
+    generator: torch.Generator,
+    timesteps: TimestepConfig | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss and metrics of one batch: latents/cond hold winners then losers ([2B]); noise and t shared per pair."""
     half = latents.shape[0] // 2
     noise = torch.randn(latents[:half].shape, generator=generator).to(latents)
-    t = family.sample_train_timesteps(half, generator)
+    t = family.sample_train_timesteps(half, generator, **asdict(timesteps or TimestepConfig()))
     noise, t = torch.cat([noise, noise]), torch.cat([t, t])
     noisy, target = family.noisy_and_target(latents, noise, t)
     err = per_sample_error(family.predict(noisy, t, cond), target)
@@ -53,7 +60,12 @@ def train(cfg: TrainConfig) -> Path:
         parse_spec(cfg.validation.reward)  # so does a bad reward spec
     model_path = resolve_model(cfg.model.name, cfg.model.revision)
     family = load_family(
-        cfg.model.name, dtype=cfg.model.dtype, device=accelerator.device, revision=cfg.model.revision, seed=cfg.seed
+        cfg.model.name,
+        dtype=cfg.model.dtype,
+        device=accelerator.device,
+        revision=cfg.model.revision,
+        seed=cfg.seed,
+        vae=cfg.model.vae,
     )
     params = common.add_trainable(family, cfg.lora, cfg.seed)
     if cfg.gradient_checkpointing:
@@ -70,7 +82,9 @@ def train(cfg: TrainConfig) -> Path:
         common.load_checkpoint(accelerator, resume_from, state)
         accelerator.print(f"resumed from {resume_from} (step {state.step})")
 
-    resolution = cfg.model.resolution or family.sampling_defaults["resolution"] or family.native_resolution
+    resolution = family.check_resolution(
+        cfg.model.resolution or family.sampling_defaults["resolution"] or family.native_resolution
+    )
     batches = PairBatches(
         cfg.data,
         family,
@@ -100,7 +114,7 @@ def train(cfg: TrainConfig) -> Path:
             state.skipped_pairs += batch["skipped"]
             with accelerator.accumulate(model), accelerator.autocast():
                 latents, cond, preference = pair_model_inputs(family, batch)
-                loss, metrics = dpo_step(family, latents, cond, preference, cfg.dpo, state.generator)
+                loss, metrics = dpo_step(family, latents, cond, preference, cfg.dpo, state.generator, cfg.timesteps)
                 values = common.reduce_mean(accelerator, {"loss": loss, **metrics})
                 common.check_finite(values["loss"], state.step, cfg.output_dir)
                 accelerator.backward(loss)

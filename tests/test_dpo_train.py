@@ -298,7 +298,7 @@ def _write(path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model.name=tiny-flux", "model.resolution=30"], "resolution 30 is not a multiple of 4 for flux: use 28 or 32"),
+        (["model.name=tiny-flux", "model.resolution=30"], "resolution 30 is not a multiple of 4 for flux: use 28"),
         (["model.dtype=float16", "mixed_precision=bf16"], "model.dtype float16 with mixed_precision bf16"),
     ],
 )

@@ -39,21 +39,29 @@ ModelOpt = Annotated[
 # ------------------------------------------------------------------------------------------------------------- train
 @app.command(context_settings={"allow_extra_args": False})
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/): its method: key picks the recipe.")],
     overrides: Annotated[
         list[str] | None, typer.Argument(help="key=value overrides, nested with dots: lora.rank=8")
     ] = None,
+    show_config: Annotated[
+        bool, typer.Option("--show-config", help="Print the resolved config with each key's help, then exit.")
+    ] = False,
 ) -> None:
     """Train with a recipe (method: dpo). Runs under `accelerate launch -m diffalign train ...` too."""
-    from diffalign.config import TrainConfig, load_config
+    from diffalign.train import load_train_config
 
-    cfg = load_config(TrainConfig, config, overrides or [])
+    cfg = load_train_config(config, overrides or [])
+    if show_config:
+        from diffalign.config import render_config
+
+        typer.echo(render_config(cfg))
+        return
     from diffalign.hub import resolve_model
 
     resolve_model(cfg.model.name, cfg.model.revision)
-    from diffalign.train import recipe
+    from diffalign.train import train as run_recipe
 
-    final = recipe(cfg.method)(cfg)
+    final = run_recipe(cfg)
     from diffalign.processes import process_info
 
     if process_info().is_main:
@@ -85,7 +93,7 @@ def generate(
     from diffalign.hub import resolve_model
 
     resolve_model(model)
-    from diffalign.infer.generate import generate_to_folder
+    from diffalign.apps.generate import generate_to_folder
 
     written = generate_to_folder(
         model,
@@ -131,7 +139,7 @@ def score(
 
     Prompts: --prompt for all, or --prompts FILE, or a sidecar <image>.txt. Under `accelerate launch -m diffalign score`
     the images are split across processes and the main process writes one merged output in input order."""
-    from diffalign.score import run_score
+    from diffalign.apps.score import run_score
 
     run_score(
         paths,
@@ -186,7 +194,7 @@ def pairs(
 
     texts = read_prompts(prompts)  # bad prompts or an unavailable model fail here, before torch is imported
     resolve_model(model)
-    from diffalign.data.make_pairs import make_pairs
+    from diffalign.apps.pairs import make_pairs
 
     summary = make_pairs(
         model,
@@ -211,14 +219,18 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced).")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="A smaller run (under 5 minutes on 2 CPU cores).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the whole demo.")] = 0,
+    methods: Annotated[
+        str | None, typer.Option(help="Comma-separated method sections to run (default: all), e.g. dpo.")
+    ] = None,
 ) -> None:
-    """Run every method on the bundled toy world and write report.html, metrics.json and PNG grids."""
+    """Run the methods on the bundled toy world and write report.html, metrics.json and PNG grids."""
     from diffalign.hub import resolve_model
 
     resolve_model("toy")
-    from diffalign.gym.demo import run_demo
+    from diffalign.apps.demo import run_demo
 
-    run_demo(out, quick=quick, seed=seed)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    run_demo(out, quick=quick, seed=seed, methods=chosen)
 
 
 # -------------------------------------------------------------------------------------------------------------- main

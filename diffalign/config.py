@@ -1,5 +1,10 @@
 """Typed configs: dataclasses with defaults, loaded from YAML plus `key=value` overrides (nested with dots).
 
+`TrainConfig` holds what every training method shares (model, lora, optim, validation, run settings) and the
+sections several methods use (`DataConfig` for preference pairs, `TimestepConfig`); each method's own config class
+(e.g. `diffalign.train.dpo.Config`) extends it beside its recipe, and `diffalign.train.load_train_config` picks the
+class from the YAML's `method:`.
+
 Strict: an unknown key, a value of the wrong type or a missing required value raises `UserError` naming the key and the
 valid keys, before any model is loaded. Override values are parsed as YAML (`lr=1e-4`, `lora.targets=[to_q,to_k]`),
 except for string fields, which take the text as written (`model.name=123` stays "123").
@@ -7,7 +12,10 @@ except for string fields, which take the text as written (`model.name=123` stays
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -56,16 +64,6 @@ class LoraConfig:
     targets: list[str] | None = None
     """Module names to adapt; default: the family's attention projections."""
     dropout: float = bounded(0.0, ge=0, le=1)
-
-
-@dataclass
-class DPOConfig:
-    """Diffusion-DPO (Wallace et al. 2023). β in the paper's convention: inside = -(β/2)·(Δpolicy - Δreference)."""
-
-    beta: float = bounded(5000.0, gt=0)
-    loss: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
-    label_smoothing: float = bounded(0.0, ge=0, le=0.5)
-    """Conservative DPO label smoothing for the sigmoid loss (0 = off)."""
 
 
 @dataclass
@@ -127,9 +125,13 @@ class ValidationConfig:
     every: int = bounded(0, ge=0)
     """Run validation every N optimizer steps (0 = only at the end)."""
     prompts: list[str] = field(default_factory=list)
-    """Fixed prompts; default: the model's held-out prompts (toy world) or none."""
+    """Fixed prompts (none: no validation)."""
     reward: str | None = None
-    """Reward spec scored on the validation images (see `diffalign rewards`)."""
+    """Reward spec scored on the validation images (see `diffalign rewards`); for reward fine-tuning, the optimised
+    one."""
+    heldout_reward: str | None = None
+    """A second reward spec logged beside it and never optimised (on the toy world the gold checker, toy-gold): when
+    the optimised reward rises and this one falls, the model is hacking the reward."""
     num_images: int = bounded(1, ge=1)
     num_steps: int | None = bounded(None, ge=1)
     guidance_scale: float | None = bounded(None, ge=0)
@@ -138,25 +140,25 @@ class ValidationConfig:
 
 @dataclass
 class TrainConfig:
-    """`diffalign train CONFIG.yaml [key=value ...]`."""
+    """`diffalign train CONFIG.yaml [key=value ...]`: what every training method shares. A method's own config class
+    (beside its recipe in `diffalign.train`) adds its sections."""
 
-    method: Literal["dpo"] = "dpo"
+    method: str = ""
+    """The training method (see `diffalign.train.METHODS`)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     output_dir: str = "runs/train"
     seed: int = 0
     max_steps: int = bounded(2000, ge=1)
     batch_size: int = bounded(1, ge=1)
-    """Pairs per process per micro-batch."""
+    """Items (pairs, prompts) per process per micro-batch."""
     gradient_accumulation_steps: int = bounded(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     allow_tf32: bool = False
+    """Allow TF32 matmuls on Ampere+ GPUs (ignored on CPU)."""
     checkpoint_every: int = bounded(500, ge=0)
     """Write a resumable checkpoint every N optimizer steps (0 = never)."""
     checkpoints_keep: int = bounded(2, ge=0)
@@ -321,3 +323,49 @@ def to_dict(config: Any) -> dict[str, Any]:
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML; `load_config(type(config), path)` reads it back."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------- show-config
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` (and of its dataclass bases), by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):  # no source (e.g. defined in a REPL): no docs
+            continue
+        for node, following in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def render_config(config: Any, indent: int = 0) -> str:
+    """The resolved config as YAML, each key preceded by a comment with its type, bounds and help text (what
+    `diffalign train --show-config` prints); loading the output gives the same config."""
+    cls = type(config)
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    pad = "  " * indent
+    lines = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            summary = (inspect.getdoc(type(value)) or "").split("\n")[0]
+            lines += [f"{pad}# {summary}", f"{pad}{f.name}:", render_config(value, indent + 1)]
+            continue
+        bounds = " and ".join(f"{op} {bound:g}" for op, bound in f.metadata.get("bounds", {}).items())
+        kind = _type_name(hints[f.name]) + (f", {bounds}" if bounds else "")
+        doc = docs.get(f.name)
+        lines.append(f"{pad}# {kind}" + (f": {doc}" if doc else ""))
+        text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+        text = text.removesuffix("\n...").removesuffix("...").strip()
+        lines.append(f"{pad}{f.name}: {text}")
+    return "\n".join(lines)

@@ -6,14 +6,27 @@ import contextlib
 import importlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from diffalign.errors import UserError
 
 TINY_PREFIX = "tiny-"
-ASSETS_DIR = Path(os.environ.get("DIFFALIGN_ASSETS", Path(__file__).resolve().parent.parent / "assets"))
+
+
+def shipped_dir(name: str) -> Path:
+    """A folder that ships beside the package ("assets", "configs"): in a source checkout (or editable install) the
+    repository's own; in a wheel install the copy under `<prefix>/share/diffalign/` (pyproject data-files)."""
+    package = Path(__file__).resolve().parent
+    prefixes = [*package.parents[3:4], Path(sys.prefix)]  # <prefix>/lib/pythonX.Y/site-packages/diffalign
+    candidates = [package.parent / name, *(prefix / "share" / "diffalign" / name for prefix in prefixes)]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+ASSETS_DIR = Path(os.environ.get("DIFFALIGN_ASSETS") or shipped_dir("assets"))
 TOY_MODEL_DIR = ASSETS_DIR / "toy" / "model"
+CONFIGS_DIR = shipped_dir("configs")
 
 
 def offline() -> bool:

@@ -1,4 +1,5 @@
-"""Writing files so that nothing is half-written on failure: write to a temporary sibling, then rename."""
+"""Writing files: nothing is half-written on failure (write to a temporary sibling, then rename), and the one place
+where an image tensor becomes 8-bit pixels and encoded bytes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from diffalign.errors import UserError
 
@@ -57,3 +59,30 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def to_uint8(image: Any) -> Any:
+    """An image tensor [3, H, W] in [0, 1] as a numpy HWC uint8 array (clamped, rounded)."""
+    import numpy as np
+    import torch
+
+    pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return np.ascontiguousarray(pixels.permute(1, 2, 0).cpu().numpy())
+
+
+def encode_image(image: Any, format: str = "PNG", **options: Any) -> bytes:
+    """An image tensor [3, H, W] in [0, 1] encoded as PNG (or `format`, e.g. JPEG with quality=95) bytes."""
+    import io as _io
+
+    from PIL import Image
+
+    buffer = _io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def save_png(image: Any, path: str | Path) -> None:
+    """Write an image tensor [3, H, W] in [0, 1] as a PNG file (atomically)."""
+    data = encode_image(image)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

@@ -77,9 +77,9 @@ def bench_score() -> None:
     """`diffalign score` throughput (decoding + batching + reward + output) vs the bare forward, in paired rounds."""
     import torch
 
+    from diffalign.apps.score import make_loader, run_score
     from diffalign.data.images import assign_prompts, decode_image
     from diffalign.rewards import load_reward
-    from diffalign.score import make_loader, run_score
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -32,10 +32,23 @@ def _model() -> str:
 
 
 def _write_pairs(folder: Path) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from pairdata import write_parquet
+    """PAIRS preference pairs of toy-world scenes in the Pick-a-Pic schema (two renders of one caption each)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    return write_parquet(folder / "pairs.parquet", PAIRS)
+    from diffalign.gym.world import generate
+    from diffalign.io import encode_image
+
+    images, captions = generate(2 * PAIRS, seed=0, split="train")
+    rows = {
+        "caption": captions[0::2],
+        "jpg_0": [encode_image(image) for image in images[0::2]],
+        "jpg_1": [encode_image(image) for image in images[1::2]],
+        "label_0": [1.0] * PAIRS,
+    }
+    path = folder / "pairs.parquet"
+    pq.write_table(pa.table(rows), path)
+    return path
 
 
 def _peak_mb() -> float:
@@ -88,20 +101,13 @@ def bare(folder: Path) -> dict:
     return {"step_s": (time.perf_counter() - start) / (STEPS[1] - STEPS[0]), "peak_mb": _peak_mb()}
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def _train(pairs: Path, out: Path, steps: int, cache: Path | None) -> float:
     """Seconds for one in-process recipe run of `steps` steps."""
-    from diffalign.config import TrainConfig, load_config
-    from diffalign.train.dpo import train
+    from diffalign.train import load_train_config, train
+    from diffalign.train.common import reset_accelerate_state
 
     overrides = [
+        "method=dpo",
         f"model.name={_model()}",
         f"data.source={pairs}",
         f"output_dir={out}",
@@ -116,9 +122,9 @@ def _train(pairs: Path, out: Path, steps: int, cache: Path | None) -> float:
     if cache is not None:
         overrides.append(f"data.cache_dir={cache}")
     start = time.perf_counter()
-    train(load_config(TrainConfig, None, overrides))
+    train(load_train_config(None, overrides))
     elapsed = time.perf_counter() - start
-    _reset_accelerate()
+    reset_accelerate_state()
     return elapsed
 
 

@@ -38,11 +38,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from diffalign.apps.evaluate import evaluate, image_seeds, repeat_prompts  # noqa: E402
 from diffalign.gym import world  # noqa: E402
-from diffalign.gym.evaluate import evaluate, image_seeds, repeat_prompts  # noqa: E402
 from diffalign.gym.gold import gold_score, read_scenes  # noqa: E402
 from diffalign.hub import ASSETS_DIR  # noqa: E402
-from diffalign.infer.generate import sample_images  # noqa: E402
+from diffalign.infer.sample import sample_images  # noqa: E402
 
 MAX_TEXT_TOKENS = 16
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -102,7 +102,7 @@ def test_a_broken_pipeline_folder_is_one_error_line_naming_it(damage, tmp_path):
 
 def test_train_rejects_a_bad_config_key_before_loading_a_model(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model:\n  name: nobody/no-such-model\nlora:\n  rnak: 4\n")
+    cfg.write_text("method: dpo\nmodel:\n  name: nobody/no-such-model\nlora:\n  rnak: 4\n")
     assert_one_line_error(run_cli("train", str(cfg)), "unknown config key 'lora.rnak'", "valid keys here")
     assert_one_line_error(run_cli("train", str(cfg), "lora.rank=x"), "lora.r")
 

@@ -9,30 +9,24 @@ import pytest
 from clitools import run_cli
 from PIL import Image
 
-from diffalign.gym import demo
+from diffalign.apps import demo
+from diffalign.apps.sections import dpo as dpo_section
 from diffalign.gym.world import heldout_prompts, train_prompts
+from diffalign.train.common import reset_accelerate_state
 
 SMALL = demo.DemoSettings(
     eval_samples=18, pairs_repeats=1, images_per_prompt=2, dpo_steps=4, validation_every=2, validation_images=1
 )
 
 
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    reset_accelerate()
+    reset_accelerate_state()
     try:
         metrics = demo.run_demo(out, settings=SMALL)
     finally:
-        reset_accelerate()
+        reset_accelerate_state()
     return out, metrics
 
 
@@ -40,20 +34,21 @@ def test_demo_writes_report_metrics_and_grids(demo_run):
     out, metrics = demo_run
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["settings"]["eval_samples"] == 18 and saved["seconds"] > 0
-    for result in (saved["base"], saved["dpo"]["after"]):
+    dpo = saved["methods"]["dpo"]
+    for result in (saved["base"], dpo["after"]):
         assert result["n"] == 18
         for key in ("all_correct", "background", "colour", "shape", "proxy_score"):
             assert isinstance(result[key], float)
-    gain = saved["dpo"]["gain"]["all_correct"]
-    assert gain["gain"] == pytest.approx(saved["dpo"]["after"]["all_correct"] - saved["base"]["all_correct"])
+    gain = dpo["gain"]["all_correct"]
+    assert gain["gain"] == pytest.approx(dpo["after"]["all_correct"] - saved["base"]["all_correct"])
     assert gain["paired_se"] >= 0
-    assert saved["dpo"]["pairs"] + saved["dpo"]["ties"] == len(train_prompts())  # one best-vs-worst pair per prompt
-    curves = saved["dpo"]["curves"]
+    assert dpo["pairs"] + dpo["ties"] == len(train_prompts())  # one best-vs-worst pair per prompt
+    curves = dpo["curves"]
     assert [step for step, _ in curves["proxy"]] == [0, 2, 4]  # before training, then every 2 of 4 steps
     assert len(curves["gold_all_correct"]) == 3 and len(curves["loss"]) >= 1
     for grid in (out / "base_grid.png", out / "dpo" / "after_grid.png"):
         assert Image.open(grid).size[0] > 32
-    assert (out / "dpo" / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "dpo" / "seed0" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 
@@ -77,7 +72,7 @@ def test_a_failed_demo_keeps_the_previous_report(demo_run, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(demo, "dpo_section", broken)
+    monkeypatch.setattr(dpo_section, "dpo_section", broken)
     with pytest.raises(RuntimeError, match="boom"):
         demo.run_demo(out, settings=SMALL)
     assert (out / "report.html").read_text() == before

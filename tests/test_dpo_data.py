@@ -9,7 +9,7 @@ import torch
 from conftest import build_family
 from pairdata import write_parquet
 
-from diffalign.config import DataConfig, DPOConfig
+from diffalign.config import DataConfig
 from diffalign.data.cache import CachedPairDataset, build_cache, cache_is_valid, cache_key
 from diffalign.data.loader import PairBatches, pair_model_inputs
 from diffalign.data.pairs import (
@@ -22,7 +22,7 @@ from diffalign.data.pairs import (
     usable_rows,
 )
 from diffalign.errors import UserError
-from diffalign.train.dpo import dpo_step
+from diffalign.train.dpo import DPOConfig, dpo_step
 
 
 def data_cfg(path, **kwargs) -> DataConfig:

@@ -19,27 +19,21 @@ from distributed import failure, launch_two_ranks
 from pairdata import write_parquet
 from safetensors.torch import load_file
 
-from diffalign.config import TrainConfig, load_config
 from diffalign.errors import UserError
-from diffalign.train import common
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+from diffalign.train import common, load_train_config
 
 
 def train_in_process(overrides: list[str], config: Path | None = None) -> Path:
-    from diffalign.train.dpo import train
+    from diffalign.train import load_train_config, train
 
-    reset_accelerate()
+    common.reset_accelerate_state()
     try:
-        return train(load_config(TrainConfig, config, overrides))
+        return train(load_train_config(config or DPO_BASE, overrides))
     finally:
-        reset_accelerate()
+        common.reset_accelerate_state()
+
+
+DPO_BASE = Path(__file__).parent / "dpo_base.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +93,7 @@ def test_shipped_config_runs_on_cpu_with_the_tiny_model_of_its_family(name, kind
         "max_steps=2", "batch_size=2", "gradient_accumulation_steps=1", "report_to=none",
         "validation.prompts=[a red circle]", "validation.every=2", "validation.reward=toy-clip",
     ]  # fmt: skip
-    cfg = load_config(TrainConfig, config, overrides)
+    cfg = load_train_config(config, overrides)
     assert cfg.data.streaming and cfg.gradient_checkpointing and cfg.mixed_precision == "bf16"
     assert train_in_process(overrides, config) == out / "lora"
     summary = json.loads((out / "summary.json").read_text())
@@ -193,7 +187,7 @@ def train_command(config: Path, *overrides: str) -> list[str]:
 def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(pairs_file, tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text(
-        f"model:\n  name: toy\ndata:\n  source: {pairs_file}\n  empty_prompt_fraction: 0.3\n"
+        f"method: dpo\nmodel:\n  name: toy\ndata:\n  source: {pairs_file}\n  empty_prompt_fraction: 0.3\n"
         "batch_size: 2\nmax_steps: 40\ncheckpoint_every: 4\nlog_every: 1\nreport_to: none\n"
         "optim:\n  lr: 1.0e-3\ndpo:\n  beta: 500\n"
     )
@@ -230,7 +224,7 @@ def test_two_rank_ddp_run_keeps_ranks_identical(pairs_file, tmp_path):
     out = tmp_path / "ddp"
     config = tmp_path / "cfg.yaml"
     config.write_text(
-        f"model:\n  name: tiny-sd\ndata:\n  source: {pairs_file}\nbatch_size: 2\nmax_steps: 3\n"
+        f"method: dpo\nmodel:\n  name: tiny-sd\ndata:\n  source: {pairs_file}\nbatch_size: 2\nmax_steps: 3\n"
         f"checkpoint_every: 2\nreport_to: none\noutput_dir: {out}\noptim:\n  lr: 1.0e-3\n"
     )
     result = launch_two_ranks(["-m", "diffalign", "train", str(config)])

@@ -148,7 +148,7 @@ def test_load_family_toy_reads_the_sampling_defaults():
 
 
 def test_evaluate_is_deterministic_and_beats_chance_on_training_prompts():
-    from diffalign.gym.evaluate import evaluate
+    from diffalign.apps.evaluate import evaluate
     from diffalign.models import load_family
 
     family = load_family("toy")
@@ -188,7 +188,7 @@ def test_proxy_reward_prefers_the_true_caption():
 
 
 def test_paired_gain_uses_the_per_image_differences():
-    from diffalign.gym.evaluate import paired_gain
+    from diffalign.apps.evaluate import paired_gain
 
     prompts = ["a", "b", "c", "d"]
     before = {"prompts": prompts, "gold": torch.tensor([1, 2 / 3, 1, 0]), "proxy": torch.tensor([1.0, 2, 3, 4])}
@@ -207,7 +207,7 @@ def test_paired_gain_uses_the_per_image_differences():
 
 
 def test_demo_verdict_names_significance():
-    from diffalign.gym.demo import verdict
+    from diffalign.apps.demo import verdict
 
     assert "rose by 7.0 points" in verdict(0.07, 0.02, quick=False)
     assert "fell by 7.0 points" in verdict(-0.07, 0.02, quick=False)

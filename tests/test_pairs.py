@@ -11,7 +11,7 @@ from clitools import run_cli
 from distributed import failure, launch_two_ranks
 from PIL import Image
 
-from diffalign.data.make_pairs import check_resume_settings, done_prompts, ranked_pairs
+from diffalign.apps.pairs import check_resume_settings, done_prompts, ranked_pairs
 from diffalign.errors import UserError
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white circle", "a red square"]

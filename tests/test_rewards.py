@@ -785,7 +785,7 @@ def test_rewards_never_import_diffusers():
     code = (
         "import sys, torch\n"
         "from diffalign.rewards import REWARDS, load_reward\n"
-        "import diffalign.rewards.imagereward, diffalign.rewards.clip, diffalign.score, diffalign.data.images\n"
+        "import diffalign.rewards.imagereward, diffalign.rewards.clip, diffalign.apps.score, diffalign.data.images\n"
         "load_reward('jpeg=1,toy-gold=1')(torch.rand(1, 3, 32, 32), ['a red circle on a white background'])\n"
         "assert 'diffusers' not in sys.modules, 'diffusers was imported'\n"
     )

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffalign.config import DataConfig
-from diffalign.data.pairs import PairChoices, PairTransform, decode_image, draw_choices, ordered
+from diffalign.data.pairs import PairChoices, PairTransform, decode_pair, draw_choices
 from diffalign.errors import UserError
 from diffalign.io import atomic_dir
 from diffalign.models import Family
@@ -90,13 +90,11 @@ def build_cache(
         task = bar.add_task("caching latents", total=len(rows))
         for n, row in enumerate(rows):
             record = table[row]
-            first, second, p = ordered(record, cfg)
-            try:
-                images = [decode_image(record[first], root), decode_image(record[second], root)]
-            except Exception as e:  # PIL raises many types for corrupt data
-                log.warning("skipping pair at row %d: cannot decode an image (%s: %s)", row, type(e).__name__, e)
+            decoded = decode_pair(record, row, cfg, root)
+            if decoded is None:
                 skipped += 1
                 continue
+            images, p = decoded
             item = {"row": torch.tensor(row), "preference": torch.tensor(p, dtype=torch.float32)}
             pixels = []
             for flip in flips:  # exactly what the uncached path computes for each flip choice

@@ -17,7 +17,10 @@ from diffalign.models import Cond, Family, cond_cat
 
 class PairBatches:
     """An endless iterator of collated pair batches for this process, starting at data `position` (items this
-    process consumed before; for streams, rows). `table`: the already opened `open_pairs(cfg)`, if any."""
+    process consumed before; for streams, rows). `table`: the already opened `open_pairs(cfg)`, if any. A batch
+    source of the training loop (`diffalign.train.loop.BatchSource`)."""
+
+    unit = "pairs"
 
     def __init__(
         self,
@@ -78,6 +81,10 @@ class PairBatches:
         """How far `batch` moved this process's data position."""
         size = len(batch["row"])
         return size + batch["skipped"] if self.streaming else size
+
+    def skipped(self, batch: dict[str, Any]) -> int:
+        """Undecodable pairs skipped to make `batch`."""
+        return int(batch["skipped"])
 
 
 def pair_model_inputs(family: Family, batch: dict[str, Any]) -> tuple[torch.Tensor, Cond, torch.Tensor]:

@@ -211,6 +211,19 @@ def ordered(record: dict[str, Any], cfg: DataConfig) -> tuple[str, str, float]:
     return first, second, 1.0 if p is None else p
 
 
+def decode_pair(
+    record: dict[str, Any], row: int, cfg: DataConfig, root: Path | None
+) -> tuple[list[Tensor], float] | None:
+    """([winner image, loser image], the winner's preference) of a table record, or None (with a warning naming the
+    row) if an image does not decode: the one decode-and-skip rule of the raw and the cached data paths."""
+    first, second, p = ordered(record, cfg)
+    try:
+        return [decode_image(record[first], root), decode_image(record[second], root)], p
+    except Exception as e:  # PIL raises many types for corrupt data
+        log.warning("skipping pair at row %d: cannot decode an image (%s: %s)", row, type(e).__name__, e)
+        return None
+
+
 def make_pair(
     record: dict[str, Any],
     row: int,
@@ -221,12 +234,10 @@ def make_pair(
     root: Path | None,
 ) -> dict[str, Any] | None:
     """One training pair from a table record (winner first), or None (with a warning) if an image does not decode."""
-    first, second, p = ordered(record, cfg)
-    try:
-        images = [decode_image(record[first], root), decode_image(record[second], root)]
-    except Exception as e:  # PIL raises many types for corrupt data
-        log.warning("skipping pair at row %d: cannot decode an image (%s: %s)", row, type(e).__name__, e)
+    decoded = decode_pair(record, row, cfg, root)
+    if decoded is None:
         return None
+    images, p = decoded
     choices = draw_choices(seed, epoch, row, cfg)
     (image_w, image_l), (time_w, time_l) = transform(images, choices)
     caption = "" if choices.empty_caption else str(record[cfg.caption_column] or "")

@@ -1,3 +1,3 @@
-"""The toy shapes world: scene generator and captions (`world`), pixel-level gold checker (`gold`), and evaluation of a
-model family against the gold checker (`evaluate`). See `scripts/make_toy_assets.py` for the bundled toy model and
-proxy reward built on it."""
+"""The toy shapes world: scene generator and captions (`world`) and the pixel-level gold checker (`gold`). Leaves:
+numpy and torch only. The bundled toy model and proxy reward are built on it by `scripts/make_toy_assets.py`;
+evaluating a model against the gold checker is `diffalign.apps.evaluate`."""

@@ -1,0 +1,1 @@
+"""Inference: sampling images from any family (`sample`); inference-time alignment methods live here too."""

@@ -9,7 +9,8 @@ transformer. Methods (DPO, InPO, AlignProp, ReNO, RLG) and rewards only use this
     family.noisy_and_target(x0, noise, t)               model input x_t and the regression target (eps, v or velocity)
     family.predict(x_t, t, cond, uncond, cfg_scale)     denoiser prediction, with optional classifier-free guidance
     family.schedule(num_steps, latents) / .step(...)    differentiable sampler (DDIM+eta for UNets, flow Euler)
-    family.sample(cond, ..., checkpoint, detach_before) full differentiable sampling loop
+    family.sample(cond, ..., checkpoint, detach_before, predict) full differentiable sampling loop
+    family.invert(x0, cond, t_end, num_steps, eta)     DDIM inversion (UNet) / reverse Euler (flow) to timesteps t_end
     family.encode_images(images) / .decode(latents)     images in [0, 1] <-> latents (scaling and shift applied)
     family.add_lora / save_lora / load_lora             peft LoRA on the denoiser, saved in the diffusers LoRA format
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +34,8 @@ from diffalign.errors import UserError
 from diffalign.hub import quiet_hf_logs
 
 Cond = dict[str, Tensor]
+PredictFn = Callable[..., Tensor]
+"""predict(x, t, cond, uncond, guidance_scale) -> prediction, the signature of `Family.predict`."""
 
 
 # ------------------------------------------------------------------------------------------------ conditioning helpers
@@ -306,14 +309,17 @@ class Family:
         generator: torch.Generator | None = None,
         detach_before: int = 0,
         checkpoint: bool = True,
+        predict: PredictFn | None = None,
     ) -> Tensor:
         """Run the sampler from `latents` and return the final clean latents.
 
         Differentiable when grad is enabled: steps i < `detach_before` run without gradient (their result is detached,
         AlignProp/DRaFT truncation), later steps keep the graph, and with `checkpoint` each denoiser call is recomputed
         in the backward pass instead of storing its activations. Sampler noise (eta > 0) is drawn up front from
-        `generator`, so checkpointed and plain runs see the same noise.
+        `generator`, so checkpointed and plain runs see the same noise. `predict(x, t, cond, uncond, guidance_scale)`
+        replaces `self.predict` for every step: the hook for guidance that mixes predictions (e.g. RLG).
         """
+        predict = predict or self.predict
         schedule = self.schedule(num_steps or self.sampling_defaults["num_steps"], latents)
         noises = None
         if eta > 0 and self.stochastic_sampler:
@@ -324,12 +330,64 @@ class Family:
             with torch.set_grad_enabled(grad and i >= detach_before):
                 if torch.is_grad_enabled() and checkpoint:
                     pred = torch.utils.checkpoint.checkpoint(
-                        self.predict, x, t, cond, uncond, guidance_scale, use_reentrant=False
+                        predict, x, t, cond, uncond, guidance_scale, use_reentrant=False
                     )
                 else:
-                    pred = self.predict(x, t, cond, uncond, guidance_scale)
+                    pred = predict(x, t, cond, uncond, guidance_scale)
                 x = self.step(x, pred, schedule, i, eta=eta, noise=None if noises is None else noises[i])
         return x
+
+    # ----------------------------------------------------------------------------------------------- inversion
+    @torch.no_grad()
+    def invert(
+        self,
+        x0: Tensor,
+        cond: Cond,
+        t_end: Tensor | float,
+        num_steps: int = 10,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """DDIM inversion (UNet families) / reverse Euler on the flow (SD3, FLUX) of clean latents `x0` to timesteps
+        `t_end` ([B] or one number, 0..1000 scale) in `num_steps` steps, without gradient, with the model as it is
+        now (adapters on). The grid is t_i = i·t_end/num_steps per sample; each step predicts at its start.
+
+        With a perfect model (one that returns the true noise) the result is exactly the forward-noised latent
+        `noisy_and_target(x0, noise, t_end)[0]`. With `eta` > 0, after each step N(0, I)·eta·σ_i is added (InPO, Lu
+        et al. 2025): σ_i is the DDIM step std of that step (UNet) or sqrt(σ_{i+1}² - σ_i²) on the flow.
+        """
+        t_end = torch.as_tensor(t_end, dtype=torch.float32, device=x0.device).reshape(-1).expand(x0.shape[0])
+        return self.walk(x0, cond, torch.zeros_like(t_end), t_end, num_steps, eta=eta, generator=generator)
+
+    def walk(
+        self,
+        x: Tensor,
+        cond: Cond,
+        t_from: Tensor,
+        t_to: Tensor,
+        num_steps: int,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Move latents `x` at timesteps `t_from` to `t_to` ([B] each, 0 = clean) in `num_steps` deterministic steps
+        along the linear grid (DDIM for UNets, Euler for flow; the same update both ways): t_to > t_from inverts,
+        t_to < t_from denoises. `eta` > 0 adds noise after each step (inversion only)."""
+        for i in range(num_steps):
+            t_a = t_from + (t_to - t_from) * (i / num_steps)
+            t_b = t_from + (t_to - t_from) * ((i + 1) / num_steps)
+            pred = self.predict(x, self.model_timesteps(t_a), cond)
+            x, std = self.walk_step(x, pred, t_a, t_b)
+            if eta > 0:
+                x = x + eta * std * torch.randn(x.shape, generator=generator).to(x)
+        return x
+
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        """Timesteps as the denoiser takes them (the UNet families round to the discrete training grid)."""
+        return t
+
+    def walk_step(self, x: Tensor, pred: Tensor, t_a: Tensor, t_b: Tensor) -> tuple[Tensor, Tensor]:
+        """(x at t_b from x at t_a and the prediction made there, the std of the DDIM/flow noise of that step)."""
+        raise NotImplementedError  # family-specific
 
     # ---------------------------------------------------------------------------------------------------- VAE
     def _upcast_vae_if_needed(self) -> None:

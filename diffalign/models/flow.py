@@ -64,3 +64,11 @@ class FlowFamily(Family):
             raise ValueError(f"{self.name}: the flow-matching Euler sampler is deterministic; eta={eta} needs eta=0")
         sigmas = schedule.coeffs["sigmas"].to(x.device)
         return x + (sigmas[i + 1] - sigmas[i]) * pred.to(x.dtype)
+
+    # --------------------------------------------------------------------------------------------- inversion
+    def walk_step(self, x: Tensor, pred: Tensor, t_a: Tensor, t_b: Tensor) -> tuple[Tensor, Tensor]:
+        """Euler on the flow between sigma = t/1000 values (either direction): x_b = x_a + (sigma_b - sigma_a) v(x_a);
+        the std of the step's noise is sqrt(|sigma_b² - sigma_a²|)."""
+        shape = (-1, *([1] * (x.ndim - 1)))
+        sigma_a, sigma_b = (t_a / 1000).reshape(shape).to(x), (t_b / 1000).reshape(shape).to(x)
+        return x + (sigma_b - sigma_a) * pred.to(x.dtype), (sigma_b**2 - sigma_a**2).abs().sqrt()

@@ -92,6 +92,25 @@ class UNetFamily(Family):
             x0 = x0.clamp(-limit, limit)
         return x0, eps
 
+    # --------------------------------------------------------------------------------------------- inversion
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        return t.round().long()
+
+    def _alpha_or_one(self, t: Tensor, like: Tensor) -> Tensor:
+        """alphas_cumprod at the rounded timesteps, 1 at t = 0 (the clean latent itself)."""
+        t = t.round().long()
+        alpha = self._alpha(t.clamp(min=0), like)
+        return torch.where((t <= 0).reshape(alpha.shape), torch.ones_like(alpha), alpha)
+
+    def walk_step(self, x: Tensor, pred: Tensor, t_a: Tensor, t_b: Tensor) -> tuple[Tensor, Tensor]:
+        """Deterministic DDIM from t_a to t_b (either direction): x_b = sqrt(a_b) x0 + sqrt(1 - a_b) eps, with x0 and
+        eps read from the prediction at t_a; the std is DDIM's sigma (eta = 1) of the step between the two."""
+        alpha_a, alpha_b = self._alpha_or_one(t_a, x), self._alpha_or_one(t_b, x)
+        x0, eps = self.split_prediction(x, pred.to(x.dtype), alpha_a)
+        clean, noisy = torch.maximum(alpha_a, alpha_b), torch.minimum(alpha_a, alpha_b)
+        std = ((1 - clean) / (1 - noisy).clamp(min=1e-12) * (1 - noisy / clean)).clamp(min=0).sqrt()
+        return alpha_b.sqrt() * x0 + (1 - alpha_b).sqrt() * eps, std
+
     def step(
         self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, eta: float = 0.0, noise: Tensor | None = None
     ) -> Tensor:

@@ -5,12 +5,10 @@ Not differentiable. Images are quantised to 8 bits (round) before encoding.
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import torch
 from torch import Tensor
 
+from diffalign.io import encode_image
 from diffalign.rewards.base import Reward, check_images
 
 JPEG_QUALITY = 95
@@ -18,12 +16,7 @@ JPEG_QUALITY = 95
 
 def jpeg_kilobytes(image: Tensor, quality: int = JPEG_QUALITY) -> float:
     """Size in kB (1000 bytes) of one image [3, H, W] in [0, 1] saved as JPEG at `quality`."""
-    from PIL import Image
-
-    pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=quality)
-    return buffer.tell() / 1000.0
+    return len(encode_image(image, "JPEG", quality=quality)) / 1000.0
 
 
 class JpegReward(Reward):

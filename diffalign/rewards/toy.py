@@ -54,11 +54,21 @@ class ToyGoldReward(Reward):
     @torch.no_grad()
     def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
         """Gold scores [B] of images [B, 3, H, W] in [0, 1] against shapes-world captions (no gradient)."""
-        from diffalign.gym.gold import gold_score
+        return self.components(images, prompts)[self.label]
+
+    @torch.no_grad()
+    def components(self, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        """The score and what it is made of, each [B] in {0, 1} (score: thirds): per attribute (background, colour,
+        shape) whether the image shows the prompt's, and all_correct (all three)."""
+        from diffalign.gym.gold import gold_check
+        from diffalign.gym.world import ATTRIBUTES
 
         check_images(images)
         prompts = check_prompts(images, prompts)
         try:
-            return gold_score(images.detach().float(), prompts).float()
+            check = gold_check(images.detach().float(), prompts)
         except ValueError as e:
             raise UserError(f"toy-gold: {e}") from e
+        parts = {name: check[name].float().to(images.device) for name in (*ATTRIBUTES, "all_correct")}
+        score = torch.stack([parts[a] for a in ATTRIBUTES]).mean(dim=0)
+        return {self.label: score, **parts}

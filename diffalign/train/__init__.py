@@ -1,19 +1,55 @@
-"""Training recipes (one short module per method) built from the shared blocks in `common`."""
+"""Training methods: one short recipe per method, each a `Config` class (its config sections over the shared
+`diffalign.config.TrainConfig`) and a `train(cfg) -> Path` that builds a step function and a batch source and hands
+them to the one training loop (`diffalign.train.loop.fit`).
+
+Adding a method is two files: `diffalign/losses/<method>.py` (the tensor math) and `diffalign/train/<method>.py`
+(Config + train), plus one line in METHODS. Recipe modules import torch lazily, so a bad config fails fast.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-from diffalign.config import TrainConfig
+from diffalign.config import TrainConfig, load_config, parse_overrides, read_yaml
+from diffalign.errors import UserError
+
+METHODS: dict[str, str] = {
+    "dpo": "diffalign.train.dpo",
+}
+"""`method:` -> the module holding its `Config` class and `train(cfg)` function."""
+
+
+def method_module(method: str) -> ModuleType:
+    """The recipe module of `method`, or a UserError listing the known methods."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    return importlib.import_module(METHODS[method])
+
+
+def config_class(method: str) -> type[TrainConfig]:
+    """The config class of `method`."""
+    return method_module(method).Config
 
 
 def recipe(method: str) -> Callable[[TrainConfig], Path]:
-    """The `train(cfg)` function of a method."""
-    if method == "dpo":
-        from diffalign.train.dpo import train
+    """The `train(cfg)` function of `method`."""
+    return method_module(method).train
 
-        return train
-    from diffalign.errors import NotImplementedYet
 
-    raise NotImplementedYet(f"training method {method!r} is not implemented yet")
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """The config of a YAML file plus `key=value` overrides, built as the class of its `method:` (so a key of
+    another method is an unknown key)."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    method = parse_overrides(overrides or []).get("method", data.get("method"))
+    if method is None:
+        raise UserError(f"the config has no 'method:' key; known methods: {', '.join(METHODS)}")
+    return load_config(config_class(str(method)), path, overrides)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run the recipe of `cfg.method`; returns the folder of the final LoRA (or full denoiser)."""
+    return recipe(cfg.method)(cfg)

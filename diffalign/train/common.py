@@ -1,6 +1,6 @@
-"""Blocks every training recipe shares: accelerator set-up, trainable weights, optimizer and schedule, checkpoints
-(atomic, resumable bit for bit), logging, validation grids, the final save. Functions, not a base class: a recipe
-calls them top to bottom.
+"""Blocks the training loop (`loop.fit`) and the recipes share: accelerator set-up, the model with its trainable
+weights, optimizer and schedule, checkpoints (atomic, resumable bit for bit), logging, validation, the final save.
+Functions, not a base class.
 
 Checkpoint folder `output_dir/checkpoints/checkpoint-<step>/`: accelerate's state (trainable weights only, optimizer,
 per-process RNG), `train_state-<rank>.pt` (step, data position, the rank's noise generator, lr schedule), and
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from diffalign.config import LoraConfig, OptimConfig, TrainConfig, save_config, to_dict
 from diffalign.errors import UserError
-from diffalign.models import Family
+from diffalign.models import Family, load_family
 
 log = logging.getLogger(__name__)
 CHECKPOINT_MARKER = "diffalign_checkpoint.json"
@@ -38,10 +38,12 @@ class TrainingDiverged(UserError):
 
 
 # ----------------------------------------------------------------------------------------------------- accelerator
-def make_accelerator(cfg: TrainConfig):
-    """An Accelerator for `cfg` (mixed precision, gradient accumulation, tracker), with the seed set per process."""
+def make_accelerator(cfg: TrainConfig, *, find_unused_parameters: bool = False, static_graph: bool = False):
+    """An Accelerator for `cfg` (mixed precision, gradient accumulation, tracker), with the seed set per process.
+    `find_unused_parameters` / `static_graph` go to DistributedDataParallel, for recipes whose steps leave some
+    trainable weights without gradient (e.g. truncated backprop through a sampler)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         # accelerate would drop the tracker with a log line and train without it
@@ -52,6 +54,9 @@ def make_accelerator(cfg: TrainConfig):
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters, static_graph=static_graph)
+        ],
     )
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("mixed_precision: fp16 needs a GPU; use 'no' (or 'bf16') on CPU")
@@ -65,6 +70,56 @@ def make_accelerator(cfg: TrainConfig):
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(cfg.seed)
     return accelerator
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so another `Accelerator` can be made in this process (training
+    several runs in one process: the demo, the acceptance scripts, tests)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def load_model(cfg: TrainConfig, accelerator) -> tuple[Family, list[torch.nn.Parameter]]:
+    """The model family of `cfg.model` on this process's device, with its trainable weights (LoRA or full) and
+    gradient checkpointing as configured."""
+    family = load_family(
+        cfg.model.name,
+        dtype=cfg.model.dtype,
+        device=accelerator.device,
+        revision=cfg.model.revision,
+        seed=cfg.seed,
+        vae=cfg.model.vae,
+    )
+    params = add_trainable(family, cfg.lora, cfg.seed)
+    if cfg.gradient_checkpointing:
+        family.denoiser.enable_gradient_checkpointing()
+    return family, params
+
+
+def check_rewards(cfg: TrainConfig) -> None:
+    """Parse the validation reward specs (a bad one is a UserError before any model loads)."""
+    from diffalign.rewards import parse_spec
+
+    for spec in (cfg.validation.reward, cfg.validation.heldout_reward):
+        if spec:
+            parse_spec(spec)
+
+
+def model_path(cfg: TrainConfig) -> str:
+    """What `cfg.model` resolves to (local folder or hub id), e.g. to key a cache on."""
+    from diffalign.hub import resolve_model
+
+    return resolve_model(cfg.model.name, cfg.model.revision)
+
+
+def resolution_of(cfg: TrainConfig, family: Family) -> int:
+    """The training/sampling resolution: the config's, else the model's default, checked against the model."""
+    return family.check_resolution(
+        cfg.model.resolution or family.sampling_defaults["resolution"] or family.native_resolution
+    )
 
 
 def add_trainable(family: Family, lora: LoraConfig, seed: int) -> list[torch.nn.Parameter]:
@@ -112,8 +167,9 @@ class TrainState:
     step: int = 0
     """Optimizer steps done."""
     data_position: int = 0
-    """Pairs this process consumed, undecodable ones included: where its data resumes."""
-    skipped_pairs: int = 0
+    """Where this process's batch source resumes (e.g. pairs consumed, undecodable ones included)."""
+    skipped: int = 0
+    """Items the batch source skipped (e.g. undecodable pairs)."""
     generator: torch.Generator = field(default_factory=torch.Generator)
     schedule: Any = None
 
@@ -121,14 +177,14 @@ class TrainState:
         return {
             "step": self.step,
             "data_position": self.data_position,
-            "skipped_pairs": self.skipped_pairs,
+            "skipped": self.skipped,
             "generator": self.generator.get_state(),
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.data_position = state["step"], state["data_position"]
-        self.skipped_pairs = state["skipped_pairs"]
+        self.skipped = state["skipped"] if "skipped" in state else state["skipped_pairs"]  # earlier checkpoints
         self.generator.set_state(state["generator"])
         if self.schedule is not None and state["schedule"] is not None:
             self.schedule.load_state_dict(state["schedule"])
@@ -314,23 +370,21 @@ def image_grid(images: Tensor, columns: int | None = None) -> Tensor:
 
 
 class Validator:
-    """Samples fixed prompts with fixed seeds every `validation.every` steps, scores them with the validation
-    reward (and, on the toy world, the gold checker), logs the numbers and a grid (main process only)."""
+    """Samples fixed prompts with fixed seeds every `validation.every` steps, scores them with the validation reward
+    and the held-out reward (each with its components, e.g. toy-gold's per-attribute accuracies), logs the numbers
+    and saves a grid (main process only)."""
 
-    def __init__(self, cfg: TrainConfig, family: Family, is_toy: bool):
+    def __init__(self, cfg: TrainConfig, family: Family):
         self.cfg, self.family = cfg.validation, family
         self.output = Path(cfg.output_dir) / "validation"
         self.prompts = list(self.cfg.prompts)
-        if not self.prompts and is_toy:
-            from diffalign.gym.world import heldout_prompts
-
-            self.prompts = heldout_prompts()
-        self.gold = is_toy
-        self.reward = None
-        if self.cfg.reward:
+        self.rewards = {}
+        if self.prompts:
             from diffalign.rewards import load_reward
 
-            self.reward = load_reward(self.cfg.reward, device=family.device)
+            for name, spec in (("reward", self.cfg.reward), ("heldout", self.cfg.heldout_reward)):
+                if spec:
+                    self.rewards[name] = load_reward(spec, device=family.device)
 
     @property
     def enabled(self) -> bool:
@@ -341,7 +395,8 @@ class Validator:
 
     @torch.no_grad()
     def run(self, step: int) -> dict[str, float]:
-        from diffalign.infer.generate import sample_images, save_png
+        from diffalign.infer.sample import sample_images
+        from diffalign.io import save_png
 
         prompts = [p for p in self.prompts for _ in range(self.cfg.num_images)]
         seeds = [self.cfg.seed + i for i in range(len(prompts))]
@@ -355,14 +410,20 @@ class Validator:
                 batch_size=32,
             )
         metrics: dict[str, float] = {}
-        if self.reward is not None:
-            metrics["val/reward"] = self.reward(images.to(self.family.device), prompts).float().mean().item()
-        if self.gold:
-            from diffalign.gym.gold import gold_accuracy
-
-            metrics.update({f"val/gold_{k}": v for k, v in gold_accuracy(images, prompts).items()})
+        for name, reward in self.rewards.items():
+            metrics.update(reward_metrics(f"val/{name}", reward, images.to(reward.device), prompts))
         save_png(image_grid(images), self.output / f"step-{step:06d}.png")
         return metrics
+
+
+def reward_metrics(prefix: str, reward, images: Tensor, prompts: list[str]) -> dict[str, float]:
+    """{prefix: mean score, prefix/<component>: mean of each other component} of `reward` on `images`."""
+    components = reward.components(images, prompts)
+    metrics = {prefix: reward.combine(components).float().mean().item()}
+    for label, values in components.items():
+        if label != reward.label:
+            metrics[f"{prefix}/{label}"] = values.float().mean().item()
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------------------------ final
@@ -384,15 +445,17 @@ def optimizer_steps(optimizer: torch.optim.Optimizer) -> int | None:
     return None
 
 
-def save_final(family: Family, cfg: TrainConfig, accelerator, state: TrainState, optimizer) -> Path:
+def save_final(
+    family: Family, cfg: TrainConfig, accelerator, state: TrainState, optimizer, unit: str = "items"
+) -> Path:
     """The LoRA in diffusers format (or the full denoiser), the resolved config and `summary.json` (steps, skipped
-    pairs, every rank's weight digest), written atomically by the main process."""
+    `unit` (e.g. pairs), every rank's weight digest), written atomically by the main process."""
     from accelerate.utils import gather_object
 
     from diffalign.io import atomic_dir, write_text_atomic
 
     digests = gather_object([weights_digest(family.trainable_parameters())])
-    skipped = sum(gather_object([state.skipped_pairs]))
+    skipped = sum(gather_object([state.skipped]))
     final = Path(cfg.output_dir) / ("lora" if cfg.lora.enabled else "denoiser")
     if accelerator.is_main_process:
         with atomic_dir(final) as tmp:
@@ -406,7 +469,7 @@ def save_final(family: Family, cfg: TrainConfig, accelerator, state: TrainState,
             "steps": state.step,
             "optimizer_steps": optimizer_steps(optimizer),
             "processes": accelerator.num_processes,
-            "skipped_pairs": skipped,
+            f"skipped_{unit}": skipped,
             "rank_weight_sha256": digests,
             "final": str(final),
         }

@@ -8,20 +8,37 @@ off, no grad) predict the family's target; `dpo_loss` turns the four errors into
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import Tensor
+from diffalign.config import DataConfig, TimestepConfig, TrainConfig, bounded
 
-from diffalign.config import DPOConfig, TimestepConfig, TrainConfig
-from diffalign.data.loader import PairBatches, pair_model_inputs
-from diffalign.data.pairs import open_pairs
-from diffalign.hub import resolve_model
-from diffalign.losses.dpo import dpo_loss, per_sample_error
-from diffalign.models import Cond, Family, load_family
-from diffalign.rewards import parse_spec
-from diffalign.train import common
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from diffalign.models import Cond, Family
+
+
+@dataclass
+class DPOConfig:
+    """Diffusion-DPO (Wallace et al. 2023). β in the paper's convention: inside = -(β/2)·(Δpolicy - Δreference)."""
+
+    beta: float = bounded(5000.0, gt=0)
+    loss: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    label_smoothing: float = bounded(0.0, ge=0, le=0.5)
+    """Conservative DPO label smoothing for the sigmoid loss (0 = off)."""
+
+
+@dataclass
+class Config(TrainConfig):
+    """`method: dpo`: the shared settings plus the DPO loss, the preference pairs and the timestep weighting."""
+
+    method: Literal["dpo"] = "dpo"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
 
 
 def dpo_step(
@@ -34,6 +51,10 @@ def dpo_step(
     timesteps: TimestepConfig | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss and metrics of one batch: latents/cond hold winners then losers ([2B]); noise and t shared per pair."""
+    import torch
+
+    from diffalign.losses.dpo import dpo_loss, per_sample_error
+
     half = latents.shape[0] // 2
     noise = torch.randn(latents[:half].shape, generator=generator).to(latents)
     t = family.sample_train_timesteps(half, generator, **asdict(timesteps or TimestepConfig()))
@@ -52,93 +73,37 @@ def dpo_step(
     )
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: Config) -> Path:
     """Run the recipe; returns the folder of the final LoRA (or full denoiser)."""
+    from diffalign.data.loader import PairBatches, pair_model_inputs
+    from diffalign.data.pairs import open_pairs
+    from diffalign.train import common
+    from diffalign.train.loop import fit
+
     accelerator = common.make_accelerator(cfg)
     table = open_pairs(cfg.data)  # a bad source or a missing column fails here, before any model loads
-    if cfg.validation.reward:
-        parse_spec(cfg.validation.reward)  # so does a bad reward spec
-    model_path = resolve_model(cfg.model.name, cfg.model.revision)
-    family = load_family(
-        cfg.model.name,
-        dtype=cfg.model.dtype,
-        device=accelerator.device,
-        revision=cfg.model.revision,
-        seed=cfg.seed,
-        vae=cfg.model.vae,
-    )
-    params = common.add_trainable(family, cfg.lora, cfg.seed)
-    if cfg.gradient_checkpointing:
-        family.denoiser.enable_gradient_checkpointing()
-    optimizer = common.build_optimizer(params, cfg.optim, common.effective_lr(cfg, accelerator.num_processes))
-    state = common.TrainState(
-        generator=common.noise_generator(cfg.seed, accelerator.process_index),
-        schedule=common.build_lr_schedule(optimizer, cfg),
-    )
-    model, optimizer = accelerator.prepare(family.denoiser, optimizer)
-    common.register_trainable_hooks(accelerator, family)
-    resume_from = common.resolve_resume(cfg.output_dir, cfg.resume)
-    if resume_from is not None:
-        common.load_checkpoint(accelerator, resume_from, state)
-        accelerator.print(f"resumed from {resume_from} (step {state.step})")
+    common.check_rewards(cfg)  # so does a bad validation reward spec
+    family, params = common.load_model(cfg, accelerator)
+    resolution = common.resolution_of(cfg, family)
 
-    resolution = family.check_resolution(
-        cfg.model.resolution or family.sampling_defaults["resolution"] or family.native_resolution
-    )
-    batches = PairBatches(
-        cfg.data,
-        family,
-        model_name=cfg.model.name,
-        model_path=model_path,
-        resolution=resolution,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        position=state.data_position,
-        rank=accelerator.process_index,
-        world=accelerator.num_processes,
-        accelerator=accelerator,
-        table=table,
-    )
-    runlog = common.RunLog(accelerator, cfg)
-    validator = common.Validator(cfg, family, is_toy=cfg.model.name == "toy")
-    if state.step == 0 and validator.enabled and accelerator.is_main_process:
-        runlog.log(validator.run(0), step=0)
+    def make_batches(position: int) -> PairBatches:
+        return PairBatches(
+            cfg.data,
+            family,
+            model_name=cfg.model.name,
+            model_path=common.model_path(cfg),
+            resolution=resolution,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            position=position,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+            accelerator=accelerator,
+            table=table,
+        )
 
-    from tqdm.auto import tqdm
+    def step(batch, generator):
+        latents, cond, preference = pair_model_inputs(family, batch)
+        return dpo_step(family, latents, cond, preference, cfg.dpo, generator, cfg.timesteps)
 
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="dpo", disable=not accelerator.is_local_main_process)
-    with family.calling(model):
-        while state.step < cfg.max_steps:
-            batch = next(batches)
-            state.data_position += batches.advance(batch)
-            state.skipped_pairs += batch["skipped"]
-            with accelerator.accumulate(model), accelerator.autocast():
-                latents, cond, preference = pair_model_inputs(family, batch)
-                loss, metrics = dpo_step(family, latents, cond, preference, cfg.dpo, state.generator, cfg.timesteps)
-                values = common.reduce_mean(accelerator, {"loss": loss, **metrics})
-                common.check_finite(values["loss"], state.step, cfg.output_dir)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            state.schedule.step()
-            state.step += 1
-            last = state.step == cfg.max_steps
-            bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['implicit_accuracy']:.2f}")
-            if state.step % cfg.log_every == 0 or last:
-                runlog.log(
-                    {**values, "lr": state.schedule.get_last_lr()[0], "skipped_pairs": state.skipped_pairs},
-                    step=state.step,
-                )
-            if validator.due(state.step, last) and accelerator.is_main_process:
-                runlog.log(validator.run(state.step), step=state.step)
-            if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
-                common.save_checkpoint(accelerator, cfg.output_dir, state, cfg.checkpoints_keep)
-    bar.close()
-    final = common.save_final(family, cfg, accelerator, state, optimizer)
-    runlog.close()
-    return final
+    return fit(cfg, accelerator, family, params, make_batches, step, bar_metric="implicit_accuracy")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from collections.abc import Sequence
 
 from torch import Tensor
+
+from diffalign.io import encode_image
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
 STYLE = """
@@ -25,12 +26,7 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 
 def png_data_uri(image: Tensor) -> str:
     """An image [3,H,W] in [0,1] as a data: URI."""
-    from PIL import Image
-
-    array = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(encode_image(image)).decode()
 
 
 def sample_gallery(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -73,67 +71,3 @@ def sample_images(
             chunks.append(family.decode(latents).cpu())
             bar.advance(task, len(batch_prompts))
     return torch.cat(chunks)
-
-
-def save_png(image: Tensor, path: str | Path) -> None:
-    """Write an image [3,H,W] in [0,1] as PNG (atomically)."""
-    from PIL import Image
-
-    from diffalign.io import atomic_path
-
-    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-
-
-def generate_to_folder(
-    model: str,
-    prompts: Sequence[str],
-    out: str | Path,
-    *,
-    lora: str | Path | None = None,
-    num_images: int = 1,
-    num_steps: int | None = None,
-    guidance_scale: float | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    device: str = "cpu",
-    dtype: str = "float32",
-) -> int:
-    """`diffalign generate`: PNGs `<out>/<index>.png` with a sidecar `<index>.txt` prompt, and generate.jsonl."""
-    from diffalign.io import write_text_atomic
-    from diffalign.models import load_family
-
-    family = load_family(model, dtype=dtype, device=device)
-    if lora is not None:
-        family.load_lora(lora)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    all_prompts = [p for p in prompts for _ in range(num_images)]
-    seeds = [seed + i for i in range(len(all_prompts))]
-    images = sample_images(
-        family,
-        all_prompts,
-        seeds,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
-        batch_size=batch_size,
-        progress=True,
-    )
-    settings = sampling_settings(family, num_steps, guidance_scale)
-    rows = []
-    for i, (image, prompt, s) in enumerate(zip(images, all_prompts, seeds, strict=True)):
-        save_png(image, out / f"{i:05d}.png")
-        write_text_atomic(out / f"{i:05d}.txt", prompt)
-        rows.append(
-            {
-                "file": f"{i:05d}.png",
-                "prompt": prompt,
-                "seed": s,
-                "model": model,
-                "lora": str(lora) if lora else None,
-                **settings,
-            }
-        )
-    write_text_atomic(out / "generate.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    return len(rows)

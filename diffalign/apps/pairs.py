@@ -13,7 +13,6 @@ order at the end.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 import shutil
@@ -25,19 +24,9 @@ import torch
 from torch import Tensor
 
 from diffalign.errors import UserError
-from diffalign.io import atomic_path, write_text_atomic
+from diffalign.io import atomic_path, encode_image, write_text_atomic
 
 COLUMNS = ["caption", "jpg_0", "jpg_1", "label_0", "score_0", "score_1", "seed_0", "seed_1", "prompt_index"]
-
-
-def png_bytes(image: Tensor) -> bytes:
-    """An image [3,H,W] in [0,1] encoded as PNG."""
-    from PIL import Image
-
-    array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def ranked_pairs(scores: Sequence[float], all_pairs: bool) -> list[tuple[int, int]]:
@@ -60,8 +49,8 @@ def pair_rows(
         rows.append(
             {
                 "caption": prompt,
-                "jpg_0": png_bytes(images[first]),
-                "jpg_1": png_bytes(images[second]),
+                "jpg_0": encode_image(images[first]),
+                "jpg_1": encode_image(images[second]),
                 "label_0": 0.0 if swap else 1.0,
                 "score_0": float(scores[first]),
                 "score_1": float(scores[second]),
@@ -160,7 +149,7 @@ def make_pairs(
     """Generate, score and pair; returns a summary {pairs, prompts, ties, out}. See the module docstring."""
     from rich.progress import Progress
 
-    from diffalign.infer.generate import sample_images
+    from diffalign.infer.sample import sample_images
     from diffalign.models import load_family
     from diffalign.processes import process_info, wait_for_everyone
     from diffalign.rewards import load_reward, parse_spec

@@ -1,6 +1,6 @@
 """Measure a model family against the gold checker: sample images for shapes-world prompts and read them back.
 
-Samples with `diffalign.infer.generate.sample_images` (the family interface only), so it works for any family and
+Samples with `diffalign.infer.sample.sample_images` (the family interface only), so it works for any family and
 for a family with a LoRA adapter loaded.
 """
 
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from diffalign.gym.gold import gold_check
 from diffalign.gym.world import ATTRIBUTES
-from diffalign.infer.generate import sample_images, sampling_settings
+from diffalign.infer.sample import sample_images, sampling_settings
 
 ProxyReward = Callable[[Tensor, list[str]], Tensor]
 """A reward: images [B, 3, H, W] in [0, 1] and prompts -> scores [B]."""

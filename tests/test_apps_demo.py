@@ -107,3 +107,11 @@ def test_the_previous_demo_and_an_empty_folder_may_be_replaced(demo_run, tmp_pat
 def test_demo_command_help_lists_quick():
     result = run_cli("demo", "--help")
     assert result.returncode == 0 and "--quick" in result.stdout
+
+
+def test_demo_verdict_names_significance():
+    assert "rose by 7.0 points" in demo.verdict(0.07, 0.02, quick=False)
+    assert "fell by 7.0 points" in demo.verdict(-0.07, 0.02, quick=False)
+    assert "within 2 paired SE" in demo.verdict(0.03, 0.02, quick=True) and "full demo" in demo.verdict(
+        0.03, 0.02, quick=True
+    )

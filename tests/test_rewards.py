@@ -791,3 +791,13 @@ def test_rewards_never_import_diffusers():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_method_that_backpropagates_refuses_a_non_differentiable_reward():
+    from diffalign.errors import UserError
+    from diffalign.rewards import parse_differentiable_spec
+
+    assert [t.cls.name for t in parse_differentiable_spec("toy-clip=2,clip", "x")] == ["toy-clip", "clip"]
+    for spec in ("jpeg", "toy-clip,toy-gold=0.5"):
+        with pytest.raises(UserError, match=r"alignprop.reward: reward '(jpeg|toy-gold)' is not differentiable"):
+            parse_differentiable_spec(spec, "alignprop.reward")

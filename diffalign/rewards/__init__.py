@@ -10,7 +10,14 @@ Rewards never import diffusers. See `registry.py` for the spec language and `bas
 
 from diffalign.rewards.base import Preprocess, Reward, center_crop, image_to_tensor, normalize, resize
 from diffalign.rewards.mix import WeightedSum
-from diffalign.rewards.registry import REWARDS, RewardTerm, describe_rewards, load_reward, parse_spec
+from diffalign.rewards.registry import (
+    REWARDS,
+    RewardTerm,
+    describe_rewards,
+    load_reward,
+    parse_differentiable_spec,
+    parse_spec,
+)
 
 __all__ = [
     "REWARDS",
@@ -23,6 +30,7 @@ __all__ = [
     "image_to_tensor",
     "load_reward",
     "normalize",
+    "parse_differentiable_spec",
     "parse_spec",
     "resize",
 ]

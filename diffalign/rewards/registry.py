@@ -146,6 +146,20 @@ def parse_spec(spec: str) -> list[RewardTerm]:
     return [parse_term(t) for t in terms]
 
 
+def parse_differentiable_spec(spec: str, what: str) -> list[RewardTerm]:
+    """Parse `spec` for a method that backpropagates through the reward (`what`, e.g. "alignprop.reward"): a term
+    whose reward is not differentiable (jpeg, toy-gold) is a UserError naming it, before any weights load."""
+    terms = parse_spec(spec)
+    for term in terms:
+        if not term.cls.differentiable:
+            usable = ", ".join(sorted(name for name, cls in REWARDS.items() if cls.differentiable))
+            raise UserError(
+                f"{what}: reward {term.cls.name!r} is not differentiable, and this method backpropagates through the "
+                f"reward; differentiable rewards: {usable}"
+            )
+    return terms
+
+
 def _option_types(cls: type[Reward]) -> tuple[dict[str, Any], bool]:
     """{option name: type} of cls.__init__, and whether it takes **kwargs."""
     signature = inspect.signature(cls.__init__)

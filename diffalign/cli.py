@@ -24,9 +24,20 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from diffalign import __version__
+
+        typer.echo(f"diffalign {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     _state["debug"] = debug or os.environ.get("DIFFALIGN_DEBUG", "") == "1"
 
@@ -46,11 +57,15 @@ def train(
     show_config: Annotated[
         bool, typer.Option("--show-config", help="Print the resolved config with each key's help, then exit.")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a previous run in output_dir instead of refusing.")
+    ] = False,
 ) -> None:
-    """Train with a recipe (method: dpo). Runs under `accelerate launch -m diffalign train ...` too."""
+    """Train with a recipe (the config's method:). Runs under `accelerate launch -m diffalign train ...` too.
+    Re-running the same command resumes from the newest checkpoint in output_dir."""
     from diffalign.train import load_train_config
 
-    cfg = load_train_config(config, overrides or [])
+    cfg = load_train_config(config, [*(overrides or []), *(["overwrite=true"] if overwrite else [])])
     if show_config:
         from diffalign.config import render_config
 
@@ -59,9 +74,15 @@ def train(
     from diffalign.hub import resolve_model
 
     resolve_model(cfg.model.name, cfg.model.revision)
+    from diffalign.train import TrainingInterrupted
     from diffalign.train import train as run_recipe
 
-    final = run_recipe(cfg)
+    try:
+        final = run_recipe(cfg)
+    except TrainingInterrupted as stopped:
+        command = " ".join(["diffalign train", str(config), *(overrides or [])])
+        typer.echo(f"interrupted: {stopped}; `{command}` resumes it", err=True)
+        raise typer.Exit(130) from None
     from diffalign.processes import process_info
 
     if process_info().is_main:
@@ -72,26 +93,34 @@ def train(
 @app.command()
 def generate(
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable).")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="Text file with one prompt per line.")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Prompt file: .txt (one per line), .jsonl ({'prompt': ...}) or .csv.")
+    ] = None,
     model: ModelOpt = "toy",
     lora: Annotated[Path | None, typer.Option(help="LoRA folder (diffusers format) to load.")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/generate"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (an earlier generate output there is replaced whole).")
+    ] = Path("runs/generate"),
     num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")] = 1,
     steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (default: the model's).")] = None,
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", help="CFG scale.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (this process's GPU, else CPU), cpu, cuda, cuda:1, mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
 ) -> None:
-    """Generate images with a stock pipeline (optionally with a LoRA) into a folder of PNGs + prompts.jsonl."""
+    """Generate images with a pipeline (optionally with a LoRA) into a folder: <i>.png, a <i>.txt sidecar with its
+    prompt (what `diffalign score` reads) and generate.jsonl (prompt, seed, sampling settings)."""
     from diffalign.data.prompts import read_prompts
+    from diffalign.hub import check_lora_folder, resolve_model
+    from diffalign.io import check_replaceable
 
     texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])
     if not texts:
         raise UserError("give at least one --prompt or a --prompts file")
-    from diffalign.hub import resolve_model
-
+    if lora is not None:
+        check_lora_folder(lora)
+    check_replaceable(out, "generate.jsonl")
     resolve_model(model)
     from diffalign.apps.generate import generate_to_folder
 
@@ -167,7 +196,7 @@ def rewards() -> None:
         table.add_column(column, overflow="fold")
     for row in describe_rewards():
         table.add_row(row["name"], row["description"], row["differentiable"], row["weights"])
-    Console(width=max(160, Console().width)).print(table)
+    Console().print(table)  # the terminal's width: columns fold
 
 
 # ------------------------------------------------------------------------------------------------------------- pairs
@@ -234,22 +263,29 @@ def demo(
 
 
 # -------------------------------------------------------------------------------------------------------------- main
-def main() -> None:
-    """Entry point of `diffalign` and `python -m diffalign`."""
+def main(args: list[str] | None = None) -> None:
+    """Entry point of `diffalign` and `python -m diffalign`. Every error a user can cause — a bad option or value
+    (click's usage errors included), a UserError from the package — is one line on stderr and exit code 2; Ctrl-C is
+    one line and exit 130. `--debug` (or DIFFALIGN_DEBUG=1) shows tracebacks of UserErrors."""
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if args is None else args
     try:
-        app()
-    except SystemExit as done:
-        if done.code in (0, None):
-            end_process_group()
-        raise
+        code = command.main(args=args or ["--help"], prog_name="diffalign", standalone_mode=False)
+    except typer.Abort:  # Ctrl-C outside a training loop (click turns it into Abort)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.TyperException as e:  # click's usage errors: an unknown command or option, a value out of range
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
     except UserError as e:
         if _state["debug"]:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    code = code if isinstance(code, int) else 0
+    if code == 0:
+        end_process_group()
+    sys.exit(code)
 
 
 def end_process_group() -> None:

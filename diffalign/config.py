@@ -7,7 +7,8 @@ class from the YAML's `method:`.
 
 Strict: an unknown key, a value of the wrong type or a missing required value raises `UserError` naming the key and the
 valid keys, before any model is loaded. Override values are parsed as YAML (`lr=1e-4`, `lora.targets=[to_q,to_k]`),
-except for string fields, which take the text as written (`model.name=123` stays "123").
+except for string fields and choices of strings, which take the text as written (`model.name=123` stays "123",
+`mixed_precision=no` is "no").
 """
 
 from __future__ import annotations
@@ -122,8 +123,10 @@ class OptimConfig:
 class ValidationConfig:
     """Image grids and reward during training."""
 
+    enabled: bool = True
+    """false switches validation off (no sampling, no reward loaded)."""
     every: int = bounded(0, ge=0)
-    """Run validation every N optimizer steps (0 = only at the end)."""
+    """Validate before training, every N optimizer steps and at the end; 0 = only at the end."""
     prompts: list[str] = field(default_factory=list)
     """Fixed prompts (none: no validation)."""
     reward: str | None = None
@@ -164,7 +167,11 @@ class TrainConfig:
     checkpoints_keep: int = bounded(2, ge=0)
     """How many of the newest checkpoints to keep (0 = all)."""
     resume: str = "auto"
-    """'auto' (newest complete checkpoint in output_dir, if any), 'none', or a checkpoint folder."""
+    """'auto' (newest complete checkpoint in output_dir, if any), 'none', or a checkpoint folder. Resuming with
+    other settings than the run in output_dir recorded is refused (only max_steps and the logging, validation and
+    checkpoint cadence may change)."""
+    overwrite: bool = False
+    """Replace a previous run in output_dir (with other settings, or with resume: none) instead of refusing."""
     log_every: int = bounded(10, ge=1)
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
 
@@ -201,6 +208,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             return str(value)
         raise UserError(f"config key '{key}' must be a string, got {value!r}")
+    if get_origin(tp) is Literal and isinstance(value, _Raw) and all(isinstance(a, str) for a in get_args(tp)):
+        value = str(value)  # a choice of strings takes the text as typed: mixed_precision=no is "no", not False
     if isinstance(value, _Raw):
         try:
             value = yaml.safe_load(value)

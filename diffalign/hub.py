@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from diffalign.errors import UserError
 
@@ -32,6 +35,34 @@ CONFIGS_DIR = shipped_dir("configs")
 def offline() -> bool:
     """True when huggingface_hub must not touch the network (HF_HUB_OFFLINE=1)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str | None:
+    """Why nothing can be downloaded now ("HF_HUB_OFFLINE=1", or the hub endpoint does not answer a 3-second
+    connection attempt), or None. Asked once per process, only when something is not in the cache: without it a
+    missing model cost 14-20 s of retries and a missing dataset 30 s of `Retrying in 8s` lines."""
+    if offline():
+        return "HF_HUB_OFFLINE=1"
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError:
+        declare_offline()
+        return f"{host} cannot be reached"
+    return None
+
+
+def declare_offline() -> None:
+    """Make this process offline for huggingface_hub, transformers and datasets (env and their loaded constants), so
+    a later load reads the cache or fails at once instead of retrying the unreachable hub."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module, attribute in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+        if module in sys.modules:
+            setattr(sys.modules[module], attribute, True)
 
 
 def resolve_model(name: str, revision: str | None = None) -> str:
@@ -62,10 +93,11 @@ def resolve_model(name: str, revision: str | None = None) -> str:
     cached = try_to_load_from_cache(name, "model_index.json", revision=revision)
     if isinstance(cached, str):
         return name
-    if offline():
+    reason = hub_unreachable()
+    if reason:
         raise UserError(
-            f"model {name!r} is not available offline (not in the Hugging Face cache): download it "
-            "where there is network, or pass a local folder written by save_pretrained"
+            f"model {name!r} is not in the Hugging Face cache and {reason}: download it where there is network, "
+            "or pass a local folder written by save_pretrained"
         )
     return name
 
@@ -95,3 +127,12 @@ def quiet_hf_logs(*libraries: str) -> Iterator[None]:
             logging.set_verbosity(verbosity)
             if bars:
                 logging.enable_progress_bar()
+
+
+def check_lora_folder(folder: str | Path) -> Path:
+    """`folder` if it holds LoRA weights (.safetensors or .bin), else a one-line UserError (no torch needed)."""
+    path = Path(folder).expanduser()
+    if not path.is_dir() or not [*path.glob("*.safetensors"), *path.glob("*.bin")]:
+        problem = "has no .safetensors/.bin weights" if path.is_dir() else "is not a folder"
+        raise UserError(f"LoRA {folder} {problem}: give a folder written by save_lora or save_lora_weights")
+    return path

@@ -56,3 +56,25 @@ def wait_for_everyone(info: ProcessInfo) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def resolve_device(device: str | None, info: ProcessInfo | None = None) -> str:
+    """The torch device for a `--device` value: None/"auto" -> this process's GPU or the CPU; "cpu"; "cuda[:N]" or
+    "mps" only where present (else a one-line UserError)."""
+    import torch
+
+    from diffalign.errors import UserError
+
+    if device in (None, "auto"):
+        return (info or process_info()).device
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or auto)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available here; use --device cpu (or auto)")
+    return str(parsed)

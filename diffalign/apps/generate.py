@@ -11,19 +11,21 @@ from pathlib import Path
 from torch import Tensor
 
 from diffalign.infer.sample import sample_images, sampling_settings
-from diffalign.io import save_png, write_text_atomic
+from diffalign.io import atomic_dir, check_replaceable, save_png, write_text_atomic
 
 
 def write_images(out: Path, images: Tensor, prompts: Sequence[str], records: Sequence[dict], name: str) -> int:
     """`<out>/<i>.png` + sidecar `<i>.txt` per image and `<out>/<name>.jsonl` with one record per image (its
-    `file`, `prompt` and the given fields). Returns the number of images written."""
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, (image, prompt, record) in enumerate(zip(images, prompts, records, strict=True)):
-        save_png(image, out / f"{i:05d}.png")
-        write_text_atomic(out / f"{i:05d}.txt", prompt)
-        rows.append({"file": f"{i:05d}.png", "prompt": prompt, **record})
-    write_text_atomic(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    `file`, `prompt` and the given fields); returns the number of images. The folder is written whole under a
+    temporary name and then replaces `out`: an earlier output of the same command (it holds `<name>.jsonl`) is
+    replaced, never mixed with the new one; any other existing folder is refused."""
+    with atomic_dir(out, marker=f"{name}.jsonl") as tmp:
+        rows = []
+        for i, (image, prompt, record) in enumerate(zip(images, prompts, records, strict=True)):
+            save_png(image, tmp / f"{i:05d}.png")
+            write_text_atomic(tmp / f"{i:05d}.txt", prompt)
+            rows.append({"file": f"{i:05d}.png", "prompt": prompt, **record})
+        write_text_atomic(tmp / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)
 
 
@@ -38,13 +40,15 @@ def generate_to_folder(
     guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 8,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str = "float32",
 ) -> int:
     """`diffalign generate`: PNGs `<out>/<index>.png` with a sidecar `<index>.txt` prompt, and generate.jsonl."""
     from diffalign.models import load_family
+    from diffalign.processes import resolve_device
 
-    family = load_family(model, dtype=dtype, device=device)
+    check_replaceable(out, "generate.jsonl")  # a folder generate did not write is refused before any work
+    family = load_family(model, dtype=dtype, device=resolve_device(device))
     if lora is not None:
         family.load_lora(lora)
     all_prompts = [p for p in prompts for _ in range(num_images)]

@@ -114,6 +114,17 @@ def _write_part(path: Path, rows: list[dict]) -> None:
         pq.write_table(table, tmp)
 
 
+def written_by_pairs(path: Path) -> bool:
+    """True when `path` is a parquet file whose schema metadata carries this command's settings."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except Exception:  # not a parquet file (pyarrow raises several types)
+        return False
+    return b"diffalign" in metadata
+
+
 def merge_parts(parts: Path, out: Path, meta: dict) -> int:
     """Concatenate every part in prompt order into `out` (atomically, with `meta` in the schema metadata)."""
     import pyarrow as pa
@@ -160,6 +171,10 @@ def make_pairs(
     out = Path(out)
     if out.suffix != ".parquet":
         raise UserError(f"--out {out}: pairs are written as .parquet")
+    if out.exists() and not written_by_pairs(out):
+        raise UserError(
+            f"--out {out} exists and was not written by `diffalign pairs`; it would be replaced: choose a new name"
+        )
     info = process_info()
     rank, world = info.rank, info.world
     parts = _parts_dir(out)

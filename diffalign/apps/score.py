@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.errors import UserError
-from diffalign.processes import gather_to_all, process_info
+from diffalign.processes import gather_to_all, process_info, resolve_device
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 TOTAL = "total"
@@ -166,9 +166,30 @@ def summary_lines(result: ScoreResult, spec: str) -> list[str]:
 
 # -------------------------------------------------------------------------------------------------------- main
 def check_output_path(out: Path | None) -> None:
-    """A UserError unless `out` is None or ends in .csv / .jsonl."""
-    if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
+    """A UserError unless `out` is None, or a .csv / .jsonl path that does not exist or holds an earlier score
+    output (its header / first record starts with the path and prompt columns): a file score did not write is never
+    replaced."""
+    if out is None:
+        return
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UserError(f"--out {out}: use a .csv or .jsonl file name")
+    if out.exists() and not looks_like_score_output(out):
+        raise UserError(f"--out {out} exists and is not a score output; it would be replaced: choose a new name")
+
+
+def looks_like_score_output(path: Path) -> bool:
+    """True when `path` is a file whose first line is a score output's header (CSV) or record (JSONL)."""
+    if not path.is_file():
+        return False
+    with path.open(encoding="utf-8", errors="replace") as f:
+        first = f.readline().strip()
+    if path.suffix.lower() == ".csv":
+        return first.startswith("path,prompt,")
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and list(record)[:2] == ["path", "prompt"]
 
 
 def warn(message: str) -> None:
@@ -191,14 +212,15 @@ def run_score(
     """Score image files with the reward `spec`; see the module docstring. Returns the result on the main process
     (None on the others). Writes `out` (or CSV on stdout when `out` is None) and prints the summary on stderr."""
     from diffalign.data.images import assign_prompts, find_images
-    from diffalign.rewards.registry import build_rewards, parse_spec
 
     check_output_path(out)
-    images = find_images(paths)
+    images = find_images(paths)  # a missing path fails here, before torch is imported (~3 s)
+    from diffalign.rewards.registry import build_rewards, parse_spec
+
     terms = parse_spec(spec)
     prompts = assign_prompts(images, prompt, prompts_file, required=any(t.cls.needs_prompts for t in terms))
     info = process_info()
-    device = device or info.device
+    device = resolve_device(device, info)
     reward = build_rewards(terms, device=device)
     skipped: dict[int, str] = {}
 

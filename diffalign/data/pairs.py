@@ -37,7 +37,7 @@ def open_pairs(cfg: DataConfig):
     """The pairs table of `cfg.source` as a `datasets` Dataset (or IterableDataset when streaming), schema-checked."""
     import datasets
 
-    from diffalign.hub import offline
+    from diffalign.hub import hub_unreachable, offline
 
     if not cfg.source:
         raise UserError("data.source is required: a hub dataset id or a local .parquet/.jsonl/.csv file")
@@ -54,6 +54,7 @@ def open_pairs(cfg: DataConfig):
             LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train", streaming=cfg.streaming
         )
     else:
+        hub_unreachable()  # decided up front: unreachable -> offline, so datasets reads its cache or fails at once
         try:
             table = datasets.load_dataset(cfg.source, split=cfg.split, streaming=cfg.streaming)
         except Exception as e:  # the hub client raises many types for "not there"

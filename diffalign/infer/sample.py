@@ -36,6 +36,7 @@ def sample_images(
     negative_prompt: str | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    description: str = "sampling",
 ) -> Tensor:
     """Images [N,3,H,W] in [0,1] for prompts[i] with seeds[i], using the family's sampler and its default settings
     unless overridden. The family sampler is DDIM (UNet families) or flow-matching Euler (SD3/FLUX): at eta = 0 it
@@ -53,7 +54,13 @@ def sample_images(
     from rich.progress import Progress
 
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("sampling", total=len(prompts))
+        # advanced at every sampler step (not per batch: a batch of 64 images can take a minute on a CPU)
+        task = bar.add_task(description, total=len(prompts) * settings["num_steps"])
+
+        def predict(x: Tensor, *args) -> Tensor:
+            bar.advance(task, x.shape[0])
+            return family.predict(x, *args)
+
         for start in range(0, len(prompts), batch_size):
             batch_prompts = prompts[start : start + batch_size]
             batch_seeds = seeds[start : start + batch_size]
@@ -67,7 +74,7 @@ def sample_images(
                 guidance_scale=settings["guidance_scale"],
                 eta=settings["eta"],
                 generator=generator,
+                predict=predict if progress else None,
             )
             chunks.append(family.decode(latents).cpu())
-            bar.advance(task, len(batch_prompts))
     return torch.cat(chunks)

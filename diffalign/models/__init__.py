@@ -74,9 +74,10 @@ def load_family(
         from diffusers import DiffusionPipeline
 
         try:
-            pipe = DiffusionPipeline.from_pretrained(
-                resolved, dtype=DTYPES[dtype], revision=revision, local_files_only=offline()
-            )
+            with quiet_hf_logs("diffusers", "transformers"):  # "Loading pipeline components" bars: nothing to act on
+                pipe = DiffusionPipeline.from_pretrained(
+                    resolved, dtype=DTYPES[dtype], revision=revision, local_files_only=offline()
+                )
         except (OSError, ValueError) as e:  # diffusers' words for a missing, incomplete or corrupt component
             raise UserError(f"model {name!r} could not be loaded: {first_line(e)}") from e
     with quiet_hf_logs("diffusers"):  # "float16 pipelines cannot run on cpu": they do (torch has CPU fp16 kernels)

@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from diffalign.errors import UserError
-from diffalign.hub import quiet_hf_logs
+from diffalign.hub import check_lora_folder, quiet_hf_logs
 
 Cond = dict[str, Tensor]
 PredictFn = Callable[..., Tensor]
@@ -105,6 +105,7 @@ class Family:
         self._call_module: nn.Module | None = None  # e.g. the DDP-wrapped denoiser during training
         self._reference_module: nn.Module | None = None  # frozen copy for full fine-tune
         self.lora: LoraSpec | None = None
+        self._adapter_layers: list[nn.Module] | None = None  # the peft LoRA layers, found once (see `reference`)
         # How this model samples by default; a `diffalign.json` next to model_index.json may override them (the toy).
         self.sampling_defaults: dict[str, Any] = {
             "num_steps": self.default_num_steps,
@@ -447,7 +448,7 @@ class Family:
             init_lora_weights="gaussian",
         )
         self.denoiser.add_adapter(config)
-        self.lora = spec
+        self.lora, self._adapter_layers = spec, None
         params = self.trainable_parameters()
         for p in params:  # LoRA weights train in float32 even when the base weights are half precision
             p.data = p.data.float()
@@ -470,14 +471,27 @@ class Family:
                 with self.calling(self._reference_module):
                     yield
             elif self.lora is not None:
-                # Same (possibly DDP/FSDP-wrapped) module, adapters off: sharded weights stay reachable.
-                self.denoiser.disable_adapters()
+                # Same (possibly DDP/FSDP-wrapped) module, adapters off: sharded weights stay reachable. The layers
+                # are found once: diffusers' disable_adapters() walks every module of the denoiser on each call
+                # (~32 ms of a 440 ms toy DPO step).
+                layers = self.adapter_layers()
+                for layer in layers:
+                    layer.enable_adapters(False)
                 try:
                     yield
                 finally:
-                    self.denoiser.enable_adapters()
+                    for layer in layers:
+                        layer.enable_adapters(True)
             else:
                 yield
+
+    def adapter_layers(self) -> list[nn.Module]:
+        """The denoiser's peft adapter layers (found once after each add/load/unload of a LoRA)."""
+        if self._adapter_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._adapter_layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        return self._adapter_layers
 
     def lora_state_dict(self) -> dict[str, Tensor]:
         """LoRA weights of the denoiser with peft's key names (`...to_q.lora_A.weight`, no 'unet.' prefix).
@@ -509,14 +523,12 @@ class Family:
 
     def load_lora(self, folder: str | Path, adapter_name: str | None = None) -> None:
         """Load a diffusers-format LoRA folder (ours or any other) into the pipeline with the stock loader."""
-        path = Path(folder).expanduser()
-        if not path.is_dir() or not [*path.glob("*.safetensors"), *path.glob("*.bin")]:
-            problem = "has no .safetensors/.bin weights" if path.is_dir() else "is not a folder"
-            raise UserError(f"LoRA {folder} {problem}: give a folder written by save_lora or save_lora_weights")
+        check_lora_folder(folder)
         with quiet_hf_logs("diffusers"):  # e.g. "no LoRA keys for the text encoder": true of every denoiser-only LoRA
             self.pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
         config = self.denoiser.peft_config[adapter_name or list(self.denoiser.peft_config)[-1]]
         self.lora = LoraSpec(rank=config.r, alpha=float(config.lora_alpha), targets=sorted(config.target_modules or []))
+        self._adapter_layers = None
 
     def unload_lora(self) -> None:
         """Remove every LoRA adapter from the denoiser (added or loaded): back to the base model."""
@@ -524,4 +536,4 @@ class Family:
             self.pipe.unload_lora_weights()
             if getattr(self.denoiser, "peft_config", None):  # an adapter added by add_lora is not the pipeline's
                 self.denoiser.delete_adapters(list(self.denoiser.peft_config))
-        self.lora = None
+        self.lora, self._adapter_layers = None, None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.errors import UserError
-from diffalign.hub import offline
+from diffalign.hub import hub_unreachable
 
 
 def looks_local(source: str) -> bool:
@@ -31,7 +31,7 @@ def local_path(source: str, what: str) -> Path:
 
 
 def _not_available(repo_id: str, filename: str, what: str, option: str, reason: str = "") -> UserError:
-    why = reason or "not in the Hugging Face cache and HF_HUB_OFFLINE=1"
+    why = reason or "not in the Hugging Face cache"
     return UserError(
         f"{what}: {repo_id}/{filename} is not available ({why}): download it where there is network, or pass a "
         f"local path with {option}=/path/to/it"
@@ -45,8 +45,9 @@ def hub_file(repo_id: str, filename: str, what: str, option: str) -> Path:
     cached = try_to_load_from_cache(repo_id, filename)
     if isinstance(cached, str):
         return Path(cached)
-    if offline():
-        raise _not_available(repo_id, filename, what, option)
+    reason = hub_unreachable()
+    if reason:
+        raise _not_available(repo_id, filename, what, option, reason=f"not in the Hugging Face cache and {reason}")
     try:
         return Path(hf_hub_download(repo_id, filename))
     except Exception as e:  # network, auth, missing file: one line for the user
@@ -76,7 +77,7 @@ def optional_file(source: str, filename: str) -> Path | None:
     cached = try_to_load_from_cache(source, filename)
     if isinstance(cached, str):
         return Path(cached)
-    if offline():
+    if hub_unreachable():
         return None
     try:
         return Path(hf_hub_download(source, filename))

@@ -50,6 +50,10 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     return load_config(config_class(str(method)), path, overrides)
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the message says where a re-run resumes from (raised by `loop.fit`)."""
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run the recipe of `cfg.method`; returns the folder of the final LoRA (or full denoiser)."""
     return recipe(cfg.method)(cfg)

@@ -37,6 +37,13 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
+def stopped_at(step: int, output_dir: str | Path) -> str:
+    """Where an interrupted run stands: its step and the checkpoint a re-run resumes from."""
+    found = complete_checkpoints(output_dir)
+    where = f"the last checkpoint is {found[-1][1]} (step {found[-1][0]})" if found else "no checkpoint was written yet"
+    return f"training stopped at step {step}; {where}"
+
+
 # ----------------------------------------------------------------------------------------------------- accelerator
 def make_accelerator(cfg: TrainConfig, *, find_unused_parameters: bool = False, static_graph: bool = False):
     """An Accelerator for `cfg` (mixed precision, gradient accumulation, tracker), with the seed set per process.
@@ -69,7 +76,84 @@ def make_accelerator(cfg: TrainConfig, *, find_unused_parameters: bool = False, 
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(cfg.seed)
+    prepare_output_dir(cfg, accelerator)
     return accelerator
+
+
+# ------------------------------------------------------------------------------------------------------ output dir
+RUN_FILE = "run.json"
+"""The settings a run was started with, in output_dir: what a later command may resume, and the mark of our folder."""
+CADENCE_KEYS = frozenset(
+    {"max_steps", "log_every", "validation.every", "checkpoint_every", "checkpoints_keep", "resume", "overwrite"}
+)
+"""Settings a resumed run may change: how long it runs and how often it logs, validates and checkpoints."""
+
+
+def run_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The flattened config minus the cadence keys: what must be equal for a run to be resumed."""
+    return {k: v for k, v in _flat(to_dict(cfg)).items() if k not in CADENCE_KEYS}
+
+
+def output_plan(cfg: TrainConfig) -> str:
+    """What training does with output_dir: "fresh" (absent or empty), "resume" (our run with the same settings and a
+    checkpoint to continue), "replace" (our run, replaced whole: same settings without a checkpoint, or --overwrite).
+    Anything else is a one-line UserError: a folder we did not write, another run's settings, resume: none over a run.
+    Read-only, so every process decides the same."""
+    out = Path(cfg.output_dir)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return "fresh"
+    recorded = out / RUN_FILE
+    if not recorded.is_file():
+        what = "a file" if not out.is_dir() else "a folder this command did not write (no run.json)"
+        raise UserError(f"output_dir {out} is {what}: choose a new output_dir (nothing there is replaced)")
+    before = json.loads(recorded.read_text())
+    now = run_settings(cfg)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed and not cfg.overwrite:
+        shown = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
+        raise UserError(
+            f"output_dir {out} holds a run with other settings ({shown} differ): rerun with its settings to resume "
+            "it, choose a new output_dir, or pass --overwrite to replace it"
+        )
+    if cfg.overwrite:
+        return "replace"
+    if cfg.resume == "none":
+        raise UserError(
+            f"output_dir {out} holds a run and resume: none would replace it: pass --overwrite, choose a new "
+            "output_dir, or resume it (resume: auto)"
+        )
+    return "resume" if resolve_resume(out, cfg.resume) is not None else "replace"
+
+
+def prepare_output_dir(cfg: TrainConfig, accelerator) -> None:
+    """Check output_dir (`output_plan`) before any model loads, then (main process) empty a replaced run, record this
+    run's settings, and on resume drop the metrics the interrupted run logged after its checkpoint."""
+    plan = output_plan(cfg)
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        if plan == "replace":
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        from diffalign.io import write_text_atomic
+
+        write_text_atomic(out / RUN_FILE, json.dumps(run_settings(cfg), indent=2, sort_keys=True))
+        if plan == "resume":
+            keep_metrics_until(out / "metrics.jsonl", checkpoint_step(resolve_resume(out, cfg.resume)))
+    accelerator.wait_for_everyone()
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer step a complete checkpoint was written at."""
+    return int(json.loads((folder / CHECKPOINT_MARKER).read_text())["step"])
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the records of metrics.jsonl logged after `step` (the resumed run logs them again)."""
+    if path.is_file():
+        from diffalign.io import write_text_atomic
+
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def reset_accelerate_state() -> None:
@@ -377,7 +461,7 @@ class Validator:
     def __init__(self, cfg: TrainConfig, family: Family):
         self.cfg, self.family = cfg.validation, family
         self.output = Path(cfg.output_dir) / "validation"
-        self.prompts = list(self.cfg.prompts)
+        self.prompts = list(self.cfg.prompts) if self.cfg.enabled else []
         self.rewards = {}
         if self.prompts:
             from diffalign.rewards import load_reward
@@ -391,6 +475,7 @@ class Validator:
         return bool(self.prompts)
 
     def due(self, step: int, last: bool) -> bool:
+        """Whether to validate after optimizer step `step` (0 = before training)."""
         return self.enabled and (last or (self.cfg.every > 0 and step % self.cfg.every == 0))
 
     @torch.no_grad()
@@ -408,6 +493,8 @@ class Validator:
                 num_steps=self.cfg.num_steps,
                 guidance_scale=self.cfg.guidance_scale,
                 batch_size=32,
+                progress=True,
+                description=f"validation at step {step}",
             )
         metrics: dict[str, float] = {}
         for name, reward in self.rewards.items():

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from diffalign.config import TrainConfig
 from diffalign.models import Family
-from diffalign.train import common
+from diffalign.train import TrainingInterrupted, common
 
 StepFn = Callable[[Any, torch.Generator], tuple[Tensor, dict[str, Tensor]]]
 """step(batch, generator) -> (loss, metrics): one micro-batch's loss (with its graph) and scalar metrics."""
@@ -66,10 +66,26 @@ def fit(
     batches = make_batches(state.data_position)
     runlog = common.RunLog(accelerator, cfg)
     validator = common.Validator(cfg, family)
-    if state.step == 0 and validator.enabled and accelerator.is_main_process:
+    if state.step == 0 and validator.due(0, last=False) and accelerator.is_main_process:
         runlog.log(validator.run(0), step=0)
 
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.method, disable=not accelerator.is_local_main_process)
+    try:
+        _train_steps(cfg, accelerator, family, params, model, optimizer, state, batches, step, runlog, validator, bar,
+                     bar_metric)  # fmt: skip
+    except KeyboardInterrupt:
+        bar.close()
+        raise TrainingInterrupted(common.stopped_at(state.step, cfg.output_dir)) from None
+    bar.close()
+    final = common.save_final(family, cfg, accelerator, state, optimizer, unit=batches.unit)
+    runlog.close()
+    return final
+
+
+def _train_steps(
+    cfg, accelerator, family, params, model, optimizer, state, batches, step, runlog, validator, bar, bar_metric
+) -> None:
+    """The loop of `fit` (its arguments are fit's locals)."""
     with family.calling(model):
         while state.step < cfg.max_steps:
             batch = next(batches)
@@ -101,7 +117,3 @@ def fit(
                 runlog.log(validator.run(state.step), step=state.step)
             if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
                 common.save_checkpoint(accelerator, cfg.output_dir, state, cfg.checkpoints_keep)
-    bar.close()
-    final = common.save_final(family, cfg, accelerator, state, optimizer, unit=batches.unit)
-    runlog.close()
-    return final

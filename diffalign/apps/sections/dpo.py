@@ -23,6 +23,7 @@ def train_on_toy(ctx: DemoContext, method: str, out: Path, steps: int, extra: li
         "validation.heldout_reward=toy-gold",
         "report_to=none",
         "resume=none",
+        "overwrite=true",  # the demo's own folder; the acceptance script re-runs into its --out
         "checkpoint_every=0",
         f"seed={ctx.seed}",
         *(extra or []),

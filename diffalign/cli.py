@@ -213,7 +213,7 @@ def pairs(
     seed: Annotated[int, typer.Option(help="Image j of prompt i uses seed + i*N + j.")] = 0,
     steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (default: the model's).")] = None,
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per sampling and reward batch.")] = 64,
     dtype: Annotated[str, typer.Option()] = "float32",
 ) -> None:
     """Make AI-feedback preference pairs: generate, score with a reward, keep best vs worst. Resumable; split across
@@ -254,7 +254,9 @@ def demo(
 ) -> None:
     """Run the methods on the bundled toy world and write report.html, metrics.json and PNG grids."""
     from diffalign.hub import resolve_model
+    from diffalign.io import check_replaceable
 
+    check_replaceable(out, "metrics.json")  # refused before anything loads, never after a 20 s model load
     resolve_model("toy")
     from diffalign.apps.demo import run_demo
 

@@ -109,9 +109,25 @@ def test_demo_command_help_lists_quick():
     assert result.returncode == 0 and "--quick" in result.stdout
 
 
-def test_demo_verdict_names_significance():
-    assert "rose by 7.0 points" in demo.verdict(0.07, 0.02, quick=False)
-    assert "fell by 7.0 points" in demo.verdict(-0.07, 0.02, quick=False)
-    assert "within 2 paired SE" in demo.verdict(0.03, 0.02, quick=True) and "full demo" in demo.verdict(
-        0.03, 0.02, quick=True
+def test_demo_verdict_names_significance_and_every_significant_regression():
+    """The full demo's colour fell 0.740 -> 0.678 (about 3 SE) while all-correct rose, and the summary did not say
+    so: the verdict now names every gold measure that fell beyond 2 paired SE."""
+
+    def gain(before, after, se):
+        return {"before": before, "after": after, "gain": after - before, "paired_se": se}
+
+    rose = {"all_correct": gain(0.26, 0.33, 0.02), "colour": gain(0.740, 0.678, 0.02), "shape": gain(0.8, 0.79, 0.02)}
+    text = demo.verdict(rose, quick=False)
+    assert "rose by 7.0 points" in text
+    assert "Significantly worse (beyond 2 paired SE): colour 0.740 → 0.678 (-6.2 ± 2.0 points)." in text
+    assert "shape" not in text  # -1 point is within noise
+    assert "fell by 7.0 points" in demo.verdict({"all_correct": gain(0.3, 0.23, 0.02)}, quick=False)
+    within = demo.verdict({"all_correct": gain(0.3, 0.33, 0.02)}, quick=True)
+    assert "within 2 paired SE" in within and "full demo" in within
+    line = demo.summary_lines(
+        {"methods": {"dpo": {"title": "Diffusion-DPO", "gain": rose | {"proxy": gain(52.0, 56.2, 0.3)}}}}
+    )[0]
+    assert line.startswith("Diffusion-DPO: gold all-correct 0.260 -> 0.330 (+7.0 ± 2.0 points, paired SE)")
+    assert "proxy 52.0 -> 56.2 (+4.20 ± 0.30)" in line and line.endswith(
+        "worse: colour 0.740 → 0.678 (-6.2 ± 2.0 points)"
     )

@@ -44,3 +44,14 @@ def test_paired_gain_uses_the_per_image_differences():
     with pytest.raises(ValueError, match="different prompts"):
         paired_gain(before, after | {"prompts": ["a", "b", "c", "e"]})
     assert "proxy" not in paired_gain(before | {"proxy": None}, after)
+
+
+def test_paired_gain_covers_each_gold_attribute():
+    from diffalign.apps.evaluate import paired_gain
+
+    prompts = ["a", "b"]
+    attrs = lambda c: {"background": torch.tensor([1.0, 1.0]), "colour": c, "shape": torch.tensor([0.0, 1.0])}  # noqa: E731
+    before = {"prompts": prompts, "gold": torch.tensor([1.0, 1.0]), "proxy": None, "attributes": attrs(torch.ones(2))}
+    after = before | {"attributes": attrs(torch.tensor([0.0, 1.0]))}
+    gain = paired_gain(before, after)
+    assert gain["colour"]["gain"] == pytest.approx(-0.5) and gain["background"]["gain"] == 0

@@ -155,3 +155,9 @@ def test_pairs_input_errors(prompts_file, tmp_path):
         "pairs", "--prompts", str(tmp_path / "none.txt"), "--reward", "jpeg", "--out", str(tmp_path / "p.parquet")
     )
     assert missing.returncode == 2 and "prompt file not found" in missing.stderr
+
+    foreign = tmp_path / "mine.parquet"
+    foreign.write_bytes(b"PAR1 not ours")
+    refused = run_cli("pairs", "--prompts", str(prompts_file), "--reward", "jpeg", "--out", str(foreign))
+    assert refused.returncode == 2 and "was not written by `diffalign pairs`" in refused.stderr
+    assert foreign.read_bytes() == b"PAR1 not ours"

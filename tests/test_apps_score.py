@@ -221,16 +221,19 @@ def test_missing_prompt_is_named_before_any_model_loads(folder, monkeypatch, cap
         (["{folder}", "--prompt", "x", "--prompts", "{empty}/p.csv"], "either --prompt or --prompts"),
         (["{folder}", "--prompts", "{empty}/p.txt"], "cannot read prompts file"),
         (["{folder}", "--reward", "hpsv2x"], "unknown reward 'hpsv2x'"),
+        (["{folder}", "--out", "{empty}/notes.csv"], "notes.csv exists and is not a score output"),
     ],
 )
 def test_bad_input_exits_2(args, fragment, folder, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
+    (empty / "notes.csv").write_text("name,age\nann,3\n")  # a user's file: never overwritten
     args = [a.format(empty=empty, folder=folder) for a in args]
     if "--reward" not in args:
         args += ["--reward", "jpeg"]
     code, _, err = run_main(["score", *args], monkeypatch, capsys)
     one_line_error(code, err, fragment)
+    assert (empty / "notes.csv").read_text() == "name,age\nann,3\n"
 
 
 def test_every_image_unreadable_is_an_error(tmp_path, monkeypatch, capsys):

@@ -75,7 +75,7 @@ def test_offline_model_id_fails_fast_with_one_line_naming_it():
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert "exit-2-without-torch" in result.stdout, result.stderr
-    assert "'nobody/no-such-model' is not available offline" in result.stderr
+    assert "'nobody/no-such-model' is not in the Hugging Face cache and HF_HUB_OFFLINE=1" in result.stderr
     assert "local folder" in result.stderr
 
 
@@ -166,3 +166,116 @@ def test_generate_input_errors(args, tmp_path):
     result = run_cli(*[a.format(tmp=tmp_path) for a in args], "--out", str(tmp_path / "out"))
     assert_one_line_error(result)
     assert not (tmp_path / "out").exists()
+
+
+def error_before_torch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter and report whether it exited 2 before importing torch."""
+    code = (
+        "import sys\n"
+        f"sys.argv = ['diffalign', *{list(args)!r}]\n"
+        "from diffalign.cli import main\n"
+        "try:\n    main()\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code, 'torch' in sys.modules)\n"
+    )
+    full_env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def test_an_unreachable_hub_is_decided_up_front_without_hf_hub_offline():
+    """A user's shell has no HF_HUB_OFFLINE: a model that is not cached is one line at once (it took 14-20 s and
+    three lines pointing at a traceback), still before torch is imported."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    code = (
+        "import sys\nsys.argv = ['diffalign', 'generate', '--model', 'nobody/no-such-model', '-p', 'x']\n"
+        "from diffalign.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+        "    print('exit', e.code, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert "exit 2 False" in result.stdout, result.stderr
+    assert result.stderr.strip() == (
+        "error: model 'nobody/no-such-model' is not in the Hugging Face cache and 127.0.0.1 cannot be reached: "
+        "download it where there is network, or pass a local folder written by save_pretrained"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["score", "{tmp}/missing.png", "--reward", "toy-clip"], "missing.png does not exist"),
+        (["generate", "--model", "nobody/no-model", "-p", "x", "--lora", "{tmp}/no-lora"], "no-lora is not a folder"),
+        (["generate", "-p", "x", "--out", "{tmp}/notes.txt"], "notes.txt exists and is not a folder this command"),
+        (["demo", "--out", "{tmp}/notes.txt"], "notes.txt exists and is not a folder this command"),
+    ],
+)
+def test_path_arguments_are_checked_before_torch_is_imported(args, fragment, tmp_path):
+    """A typo in a path is one line in well under a second, not after torch (3 s) or a model (20 s) loads; the
+    LoRA check comes even before the model id's."""
+    (tmp_path / "notes.txt").write_text("mine")
+    result = error_before_torch(*[a.format(tmp=tmp_path) for a in args])
+    assert "exit 2 False" in result.stdout, (result.stdout, result.stderr)
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["pairs", "--prompts", "p.txt", "--reward", "toy-clip", "--out", "o.parquet", "--images-per-prompt", "1"],
+         "Invalid value for '--images-per-prompt'"),
+        (["generate", "-p", "x", "-n", "0"], "Invalid value for '--num-images'"),
+        (["generate", "-p", "x", "--bogus"], "No such option: --bogus"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_like_the_config_errors(args, fragment):
+    """click's multi-line usage box is gone: a bad value or option is one `error:` line, exit 2."""
+    assert_one_line_error(run_cli(*args), fragment)
+
+
+def test_device_errors_are_one_line():
+    import torch
+
+    if not torch.cuda.is_available():
+        assert_one_line_error(run_cli("generate", "--model", "tiny-sd", "-p", "x", "--device", "cuda"), "no CUDA GPU")
+    assert_one_line_error(run_cli("generate", "--model", "tiny-sd", "-p", "x", "--device", "gpu0"), "not a device")
+
+
+def test_version_and_help_without_a_command():
+    from diffalign import __version__
+
+    assert run_cli("--version").stdout.strip() == f"diffalign {__version__}"
+    result = run_cli()
+    assert result.returncode == 0 and "generate" in result.stdout
+
+
+def test_generate_replaces_its_own_output_whole_and_refuses_a_foreign_folder(tmp_path):
+    """A smaller run into an earlier output folder leaves no stale images (a later `score DIR` would have scored the
+    mixture); a folder generate did not write is refused, its files untouched; files get the user's umask."""
+    import os
+    import stat
+
+    out = tmp_path / "gen"
+    command = [sys.executable, "-m", "diffalign", "generate", "--model", "tiny-sd", "-p", "a", "--out", str(out)]
+    run = lambda n: subprocess.run(  # noqa: E731
+        [*command, "-n", str(n)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=lambda: os.umask(0o022),
+    )  # fmt: skip
+    assert run(3).returncode == 0
+    assert run(1).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00000.txt", "generate.jsonl"]
+    assert len((out / "generate.jsonl").read_text().splitlines()) == 1
+    assert stat.S_IMODE((out / "00000.png").stat().st_mode) == 0o644 and stat.S_IMODE(out.stat().st_mode) == 0o755
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "00000.png").write_bytes(b"mine")
+    result = run_cli("generate", "--model", "tiny-sd", "-p", "a", "--out", str(foreign))
+    assert_one_line_error(result, "is not a folder this command wrote")
+    assert (foreign / "00000.png").read_bytes() == b"mine"
+
+
+def test_rewards_table_fits_an_80_column_terminal():
+    result = run_cli("rewards", env={"COLUMNS": "80"})
+    assert result.returncode == 0 and "toy-clip" in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80

@@ -153,3 +153,11 @@ def test_rendered_config_shows_each_keys_help_and_loads_back(tmp_path):
     assert "# str | None: Another VAE (hub id or folder)" in text  # help text of a base field
     (tmp_path / "shown.yaml").write_text(text)
     assert load_train_config(tmp_path / "shown.yaml") == cfg
+
+
+def test_a_choice_of_strings_takes_the_text_as_typed():
+    """`mixed_precision=no` (documented) was rejected: YAML reads `no` as false."""
+    cfg = load_config(TrainConfig, None, ["mixed_precision=no", "report_to=none"])
+    assert cfg.mixed_precision == "no" and cfg.report_to == "none"
+    with pytest.raises(UserError, match=r"'mixed_precision' must be one of 'no' \| 'fp16' \| 'bf16', got 'off'"):
+        load_config(TrainConfig, None, ["mixed_precision=off"])

@@ -58,26 +58,31 @@ def summarize(images: Tensor, prompts: Sequence[str], proxy: ProxyReward | None 
         proxy_scores = torch.as_tensor(proxy(images, list(prompts))).detach().float().cpu().flatten()
         metrics["proxy_score"], metrics["proxy_score_se"] = mean_and_se(proxy_scores)
     metrics["gold"], metrics["proxy"] = gold, proxy_scores
+    metrics["attributes"] = {a: check[a].float() for a in ATTRIBUTES}
     return metrics
 
 
 def paired_gain(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Before/after comparison of two `evaluate(..., return_images=True)` results made with the SAME seeds.
 
-    For all_correct (gold score == 1), gold_score (mean attributes) and proxy (when both have proxy scores): the
-    before and after means, the gain and its paired standard error (std of the per-image differences / sqrt(n)),
-    which is much smaller than the unpaired one because both runs start from the same noise.
+    For all_correct (gold score == 1), gold_score (mean attributes), each attribute (background, colour, shape,
+    when both results carry them) and proxy (when both have proxy scores): the before and after means, the gain and
+    its paired standard error (std of the per-image differences / sqrt(n)), which is much smaller than the unpaired
+    one because both runs start from the same noise.
     """
     if list(before["prompts"]) != list(after["prompts"]):
         raise ValueError("paired_gain: the two evaluations used different prompts")
     per_image = {
         "all_correct": lambda r: (r["gold"].double() > 1 - 1e-6).double(),
         "gold_score": lambda r: r["gold"].double(),
+        **{a: (lambda r, a=a: r["attributes"][a].double()) for a in ATTRIBUTES},
         "proxy": lambda r: r["proxy"].double(),
     }
     result = {}
     for key, values in per_image.items():
         if key == "proxy" and (before["proxy"] is None or after["proxy"] is None):
+            continue
+        if key in ATTRIBUTES and ("attributes" not in before or "attributes" not in after):
             continue
         b, a = values(before), values(after)
         gain, se = mean_and_se(a - b)
@@ -106,8 +111,9 @@ def evaluate(
         n, background, colour, shape (per-attribute accuracy), all_correct (all three right), gold_score (mean of the
         three), each with a standard error `<name>_se`; proxy_score and proxy_score_se when `proxy` is given;
         settings: the sampling settings used.
-    With `return_images`, also: images [N, 3, H, W] in [0, 1], prompts [N], gold [N] (per-image gold score) and
-    proxy [N] (per-image proxy score, or None). `progress` shows a progress bar while sampling.
+    With `return_images`, also: images [N, 3, H, W] in [0, 1], prompts [N], gold [N] (per-image gold score),
+    proxy [N] (per-image proxy score, or None) and attributes {background, colour, shape: [N] in {0, 1}}.
+    `progress` shows a progress bar while sampling.
     """
     prompts = repeat_prompts(prompts, num_samples)
     settings = sampling_settings(family, num_steps, guidance_scale, eta)
@@ -123,7 +129,7 @@ def evaluate(
     ).float()
     metrics = summarize(images, prompts, proxy)
     metrics["settings"] = settings
-    per_image = {"gold": metrics.pop("gold"), "proxy": metrics.pop("proxy")}
+    per_image = {"gold": metrics.pop("gold"), "proxy": metrics.pop("proxy"), "attributes": metrics.pop("attributes")}
     if return_images:
         metrics.update(images=images, prompts=prompts, **per_image)
     return metrics

@@ -151,8 +151,8 @@ def make_pairs(
     seed: int = 0,
     num_steps: int | None = None,
     guidance_scale: float | None = None,
-    prompts_per_chunk: int = 8,
-    batch_size: int = 16,
+    prompts_per_chunk: int | None = None,
+    batch_size: int = 64,
     dtype: str = "float32",
     device: str | None = None,
     progress: bool = True,
@@ -204,6 +204,9 @@ def make_pairs(
     ties = 0
     with Progress(disable=not (progress and info.is_main)) as bar:
         task = bar.add_task("pairs", total=len(todo))
+        # a chunk (one resumable part) holds at least one full sampling batch: on 2 CPU cores batches of 64 sample
+        # 1.3x faster than batches of 16 (9.6 vs 7.3 toy images/s)
+        prompts_per_chunk = prompts_per_chunk or max(1, -(-batch_size // images_per_prompt))
         for start in range(0, len(todo), prompts_per_chunk):
             chunk = todo[start : start + prompts_per_chunk]
             texts = [prompts[i] for i in chunk for _ in range(images_per_prompt)]

@@ -29,6 +29,33 @@ def png_data_uri(image: Tensor) -> str:
     return "data:image/png;base64," + base64.b64encode(encode_image(image)).decode()
 
 
+GALLERY_LEGEND = (
+    "<p class='note'>Frames: <span style='color:#2ca02c'>green</span> = the gold checker reads the prompt's "
+    "background, colour and shape; <span style='color:#d62728'>red</span> = at least one is wrong. Under each "
+    "image: <i>gold</i> = the fraction of the three attributes right (0.67 = two of three), <i>proxy</i> = the "
+    "toy-clip score the methods optimise.</p>"
+)
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
+    import math
+
+    span = max(high - low, 1e-12)
+    raw = span / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    start = math.floor(low / step) * step
+    ticks = []
+    value = start
+    while value <= high + step * 1e-9:
+        ticks.append(round(value, 12))
+        value += step
+    if ticks[-1] < high:
+        ticks.append(round(ticks[-1] + step, 12))
+    return ticks
+
+
 def sample_gallery(
     images: Tensor, prompts: Sequence[str], gold: Sequence[float], proxy: Sequence[float] | None, per_prompt: int = 8
 ) -> str:
@@ -78,6 +105,8 @@ def line_chart(
         y0, y1 = y0 - 0.5, y1 + 0.5
     if x1 == x0:
         x1 = x0 + 1
+    y_ticks, x_ticks = nice_ticks(y0, y1), nice_ticks(x0, x1)
+    (y0, y1), (x0, x1) = (y_ticks[0], y_ticks[-1]), (x_ticks[0], x_ticks[-1])  # axes end on round values
     longest_name = max(len(name) for name in series)
     left, right, top, bottom = 50, 34 + 7 * longest_name, 28, 36  # the legend sits in the right margin
     sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
@@ -88,12 +117,11 @@ def line_chart(
         f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#444"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#444"/>',
     ]
-    for k in range(5):
-        y = y0 + (y1 - y0) * k / 4
-        svg.append(f'<text x="{left - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    for y in y_ticks:
+        svg.append(f'<text x="{left - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
         svg.append(f'<line x1="{left}" y1="{sy(y):.1f}" x2="{width - right}" y2="{sy(y):.1f}" stroke="#eee"/>')
-        x = x0 + (x1 - x0) * k / 4
-        svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{x:.0f}</text>')
+    for x in x_ticks:
+        svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{x:g}</text>')
     svg.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">{x_label}</text>')
     for n, (name, values) in enumerate(series.items()):
         colour = PALETTE[n % len(PALETTE)]

@@ -1,0 +1,110 @@
+"""What every training run shares (diffalign/train/common.py and loop.py): the output folder is never mixed or
+replaced silently, validation cadence, Ctrl-C says where to resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pairdata import write_parquet
+from test_train_dpo import train_in_process
+
+from diffalign.errors import UserError
+from diffalign.train import common
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("pairs")
+    return write_parquet(folder / "a.parquet", 8), write_parquet(folder / "b.parquet", 6)
+
+
+def tiny_run(out: Path, source: Path, *extra: str) -> Path:
+    base = [
+        "model.name=tiny-sd", f"data.source={source}", f"output_dir={out}", "batch_size=2", "max_steps=2",
+        "checkpoint_every=1", "log_every=1", "report_to=none", "validation.enabled=false",
+    ]  # fmt: skip
+    return train_in_process([*base, *extra])
+
+
+def metric_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_with_other_settings_is_never_continued_into_the_same_folder(pairs, tmp_path):
+    """The second experiment (other data, other beta) into a run's folder used to continue it from its checkpoint with
+    the old optimizer and append to its metrics: now one line naming what differs; --overwrite replaces it whole."""
+    out = tmp_path / "run"
+    tiny_run(out, pairs[0])
+    before = (out / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    with pytest.raises(UserError, match=r"holds a run with other settings \(data.source, dpo.beta differ\)"):
+        tiny_run(out, pairs[1], "dpo.beta=100")
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == before
+    tiny_run(out, pairs[1], "dpo.beta=100", "overwrite=true")
+    assert metric_steps(out) == [1, 2]  # replaced, not appended to
+    assert json.loads((out / common.RUN_FILE).read_text())["dpo.beta"] == 100.0
+
+
+def test_resume_none_over_a_run_is_refused_unless_overwrite(pairs, tmp_path):
+    out = tmp_path / "run"
+    tiny_run(out, pairs[0])
+    with pytest.raises(UserError, match="resume: none would replace it: pass --overwrite"):
+        tiny_run(out, pairs[0], "resume=none")
+    tiny_run(out, pairs[0], "resume=none", "overwrite=true")
+    assert metric_steps(out) == [1, 2]
+
+
+def test_a_folder_train_did_not_write_is_refused_whatever_the_flags(pairs, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    for extra in ([], ["overwrite=true"]):
+        with pytest.raises(UserError, match="is a folder this command did not write"):
+            tiny_run(folder, pairs[0], *extra)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_a_longer_rerun_resumes_and_logs_each_step_once(pairs, tmp_path):
+    """max_steps (and the cadence keys) may change on resume; metrics the interrupted run logged after its
+    checkpoint are dropped, so every step is logged once."""
+    out = tmp_path / "run"
+    tiny_run(out, pairs[0], "max_steps=3", "checkpoint_every=2")
+    tiny_run(out, pairs[0], "max_steps=4", "checkpoint_every=2", "log_every=1")
+    assert metric_steps(out) == [1, 2, 3, 4]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.parametrize(("every", "expected"), [(0, [2]), (1, [0, 1, 2])])
+def test_validation_every_zero_is_only_the_end(every, expected, pairs, tmp_path):
+    out = tmp_path / "run"
+    tiny_run(out, pairs[0], "validation.enabled=true", "validation.prompts=[a red circle]", f"validation.every={every}")
+    assert sorted(int(p.stem.split("-")[1]) for p in (out / "validation").glob("step-*.png")) == expected
+
+
+def test_ctrl_c_says_where_the_run_resumes_from(pairs, tmp_path):
+    """Ctrl-C used to exit 130 silently: now one line with the last checkpoint and the command that resumes."""
+    out = tmp_path / "run"
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"method: dpo\nmodel:\n  name: tiny-sd\ndata:\n  source: {pairs[0]}\nbatch_size: 2\nmax_steps: 10000\n"
+        "checkpoint_every: 2\nreport_to: none\nvalidation:\n  enabled: false\n"
+    )
+    command = [sys.executable, "-m", "diffalign", "train", str(config), f"output_dir={out}"]
+    proc = subprocess.Popen(
+        command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not common.complete_checkpoints(out):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: training stopped at step ") and "the last checkpoint is " in last
+    assert last.endswith(f"`diffalign train {config} output_dir={out}` resumes it")

@@ -186,17 +186,19 @@ def score(
 @app.command()
 def rewards() -> None:
     """List the registered rewards: name, description, differentiable or not, and where the weights come from."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     from diffalign.rewards import describe_rewards
 
-    table = Table()
-    for column in ("name", "description", "differentiable", "weights"):
-        table.add_column(column, overflow="fold")
+    table = Table(box=box.SIMPLE_HEAD)  # the terminal's width: text wraps at word boundaries, ids stay whole
+    table.add_column("name", no_wrap=True)
+    table.add_column("differentiable", no_wrap=True)
+    table.add_column("what it computes; weights", overflow="fold")  # a word longer than the column folds
     for row in describe_rewards():
-        table.add_row(row["name"], row["description"], row["differentiable"], row["weights"])
-    Console().print(table)  # the terminal's width: columns fold
+        table.add_row(row["name"], row["differentiable"], f"{row['description']}; weights: {row['weights']}")
+    Console().print(table)
 
 
 # ------------------------------------------------------------------------------------------------------------- pairs

@@ -174,10 +174,13 @@ def test_partial_checkpoints_are_never_resumed(tmp_path):
 
 @pytest.mark.parametrize("change", ["lora.rank=2", "lora.targets=[to_q]"])
 def test_resuming_with_other_trainable_weights_is_a_clear_error(change, pairs_file, tmp_path):
+    """A checkpoint of another run, named by resume=, is checked against this run's trainable weights (a resume in
+    the same output_dir is refused earlier, by the recorded settings: tests/test_train_common.py)."""
     overrides = [*base_overrides("sd", pairs_file, tmp_path), "max_steps=2", "validation.prompts=[]"]
-    train_in_process(overrides)
+    first = train_in_process(overrides).parent
     with pytest.raises(UserError, match=r"checkpoint-2 holds other trainable weights than this run .* new output_dir"):
-        train_in_process([*overrides, "max_steps=3", change])
+        checkpoint = first / "checkpoints" / "checkpoint-2"
+        train_in_process([*overrides, "max_steps=3", change, f"output_dir={tmp_path / 'b'}", f"resume={checkpoint}"])
 
 
 def train_command(config: Path, *overrides: str) -> list[str]:

@@ -76,7 +76,7 @@ def make_accelerator(cfg: TrainConfig, *, find_unused_parameters: bool = False, 
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(cfg.seed)
-    prepare_output_dir(cfg, accelerator)
+    output_plan(cfg)  # refuse a bad output_dir now; `fit` writes to it once the data and model are known good
     return accelerator
 
 
@@ -126,8 +126,7 @@ def output_plan(cfg: TrainConfig) -> str:
 
 
 def prepare_output_dir(cfg: TrainConfig, accelerator) -> None:
-    """Check output_dir (`output_plan`) before any model loads, then (main process) empty a replaced run, record this
-    run's settings, and on resume drop the metrics the interrupted run logged after its checkpoint."""
+    """Check output_dir (`output_plan`), then (main process) empty a replaced run, record this run's settings, and on resume drop the metrics the interrupted run logged after its checkpoint."""
     plan = output_plan(cfg)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:

@@ -52,6 +52,7 @@ def fit(
     full denoiser) folder. `bar_metric` is shown beside the loss on the progress bar."""
     from tqdm.auto import tqdm
 
+    common.prepare_output_dir(cfg, accelerator)
     optimizer = common.build_optimizer(params, cfg.optim, common.effective_lr(cfg, accelerator.num_processes))
     state = common.TrainState(
         generator=common.noise_generator(cfg.seed, accelerator.process_index),

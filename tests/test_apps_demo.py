@@ -15,8 +15,9 @@ from diffalign.gym.world import heldout_prompts, train_prompts
 from diffalign.train.common import reset_accelerate_state
 
 SMALL = demo.DemoSettings(
-    eval_samples=18, pairs_repeats=1, images_per_prompt=2, dpo_steps=4, validation_every=2, validation_images=1
-)
+    eval_samples=18, pairs_repeats=1, images_per_prompt=2, dpo_steps=4, inpo_steps=2, validation_every=2,
+    validation_images=1,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

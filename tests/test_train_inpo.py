@@ -163,6 +163,27 @@ def test_shipped_config_loads_with_the_paper_defaults(name, kind):
     assert cfg.inpo.inverter == "policy" and cfg.inpo.beta == {"sd15": 2000, "sdxl": 5000}.get(name, cfg.inpo.beta)
 
 
+def test_a_shipped_config_runs_on_cpu_with_the_tiny_model_of_its_family(pairs_file, tmp_path):
+    """What a real config turns on (half-precision frozen parts, bf16 autocast, gradient checkpointing, a stream
+    decoded on threads) with the inversion; only model, data and sizes are swapped (SD3: the flow analogue)."""
+    config = Path(__file__).parents[1] / "configs" / "inpo" / "sd3.yaml"
+    out = tmp_path / "sd3"
+    overrides = [
+        "model.name=tiny-sd3", "model.resolution=32", f"data.source={pairs_file}", f"output_dir={out}",
+        "max_steps=1", "batch_size=2", "gradient_accumulation_steps=1", "report_to=none", "validation.prompts=[]",
+        "inpo.inversion_steps=2",
+    ]  # fmt: skip
+    cfg = load_train_config(config, overrides)
+    assert cfg.data.streaming and cfg.gradient_checkpointing and cfg.mixed_precision == "bf16"
+    common.reset_accelerate_state()
+    try:
+        from diffalign.train import train
+
+        assert train(cfg) == out / "lora"
+    finally:
+        common.reset_accelerate_state()
+
+
 def test_full_finetune_with_the_reference_inverting_saves_the_denoiser(pairs_file, tmp_path):
     """The optional path: no LoRA (the reference is a frozen copy), inverted by that reference, bf16 autocast."""
     out = tmp_path / "full"

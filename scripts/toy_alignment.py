@@ -10,11 +10,12 @@
    sampling seeds (a paired comparison).
 3. Per method, the gain in gold all-correct, mean attributes and proxy, per seed and over seeds, with two standard
    errors: across training seeds (std/sqrt(k)) and of the paired per-image differences (pooled), and the wall time.
-   Every training method runs the same number of optimizer steps (`--steps`); its training seconds are reported
-   (and the gain per 100 steps and per training minute).
+   Every training method runs the same number of optimizer steps (`--steps`); its training time is reported, wall
+   and CPU (this process's CPU seconds: on a shared machine the wall time depends on everyone else's load), with
+   the gain per 100 steps and per CPU minute.
 4. `--equal-time`: every method after the first is trained again, with its steps scaled so that its training time
-   matches the first method's mean (steps x first's seconds per step / its seconds per step, from the runs above),
-   and measured the same way: the comparison at equal wall-clock time. Results under "<method>@equal-time".
+   matches the first method's mean (steps x first's CPU seconds per step / its CPU seconds per step, from the runs
+   above), and measured the same way: the comparison at equal compute. Results under "<method>@equal-time".
 5. Every later method (and equal-time run) minus the first, per training seed, on the same held-out samples
    (paired SE). Results in <out>/results.json.
 """
@@ -36,6 +37,9 @@ from diffalign.models import load_family
 from diffalign.rewards import load_reward
 
 EVAL_SEED = 10_000
+TIMING = ("steps", "train_seconds", "train_cpu_seconds")
+"""What a section reports about its training run: optimizer steps, wall and CPU seconds (this process's CPU time:
+what matters on a shared machine, where the wall time depends on everyone else's load)."""
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -63,14 +67,15 @@ def summarize(runs: list[dict]) -> dict:
             "gain_over_2se": gain_mean > 2 * max(across if not math.isnan(across) else 0.0, pooled),
         }
     summary["seconds_mean"] = sum(r["seconds"] for r in runs) / len(runs)
-    if all("train_seconds" in r for r in runs):
+    if all(key in r for r in runs for key in TIMING):
         steps = runs[0]["steps"]
         summary["steps"] = steps
         summary["train_seconds_mean"] = sum(r["train_seconds"] for r in runs) / len(runs)
-        summary["seconds_per_step"] = summary["train_seconds_mean"] / steps
+        summary["train_cpu_seconds_mean"] = sum(r["train_cpu_seconds"] for r in runs) / len(runs)
+        summary["cpu_seconds_per_step"] = summary["train_cpu_seconds_mean"] / steps
         summary["all_correct"]["gain_per_100_steps"] = 100 * summary["all_correct"]["gain_mean"] / steps
-        summary["all_correct"]["gain_per_minute"] = (
-            60 * summary["all_correct"]["gain_mean"] / summary["train_seconds_mean"]
+        summary["all_correct"]["gain_per_cpu_minute"] = (
+            60 * summary["all_correct"]["gain_mean"] / summary["train_cpu_seconds_mean"]
         )
     return summary
 
@@ -82,7 +87,7 @@ def run_method(ctx: DemoContext, method: str, seeds: list[int], label: str, afte
     for seed in seeds:
         result = section(method)(ctx.with_seed(seed))
         run = {"seed": seed, "seconds": round(result.seconds, 1), **paired_gain(ctx.base, result.after)}
-        run |= {key: result.facts[key] for key in ("steps", "train_seconds") if key in result.facts}
+        run |= {key: result.facts[key] for key in TIMING if key in result.facts}
         runs.append(run)
         afters[label, seed] = {key: result.after[key] for key in ("prompts", "gold", "proxy")}
         print(json.dumps({"method": label, **run}), flush=True)
@@ -149,7 +154,8 @@ def main() -> None:
     if args.equal_time:
         first = results[methods[0]]
         for method in methods[1:]:
-            steps = max(1, round(args.steps * first["seconds_per_step"] / results[method]["seconds_per_step"]))
+            ratio = first["cpu_seconds_per_step"] / results[method]["cpu_seconds_per_step"]
+            steps = max(1, round(args.steps * ratio))
             timed = dataclasses.replace(ctx, settings=with_steps(settings, method, steps), work=args.out / "equal-time")
             label = f"{method}@equal-time"
             results[label] = run_method(timed, method, args.seeds, label, afters)
@@ -167,9 +173,10 @@ def main() -> None:
         if "steps" in result:
             gold = result["all_correct"]
             print(
-                f"{method:10s} {result['steps']} steps, training {result['train_seconds_mean']:.0f} s "
-                f"({result['seconds_per_step']:.2f} s/step): all-correct gain {100 * gold['gain_per_100_steps']:+.2f} "
-                f"points per 100 steps, {100 * gold['gain_per_minute']:+.2f} points per training minute"
+                f"{method:10s} {result['steps']} steps, training {result['train_seconds_mean']:.0f} s wall, "
+                f"{result['train_cpu_seconds_mean']:.0f} s CPU ({result['cpu_seconds_per_step']:.2f} CPU s/step): "
+                f"all-correct gain {100 * gold['gain_per_100_steps']:+.2f} points per 100 steps, "
+                f"{100 * gold['gain_per_cpu_minute']:+.2f} points per CPU minute"
             )
         if f"versus_{methods[0]}" in result:
             diffs = result[f"versus_{methods[0]}"]["all_correct"]

@@ -5,7 +5,8 @@ in its own process:
   dpo        the real Diffusion-DPO recipe (`diffalign.train.dpo.train`)
   inpo       the real DDIM-InPO recipe (`diffalign.train.inpo.train`, 10 inversion steps); the time spent inside
              `Family.invert` is summed, so its share of the step is known
-  inversion  the bare work the inversion adds, in plain torch: 10 no-grad forwards of the LoRA denoiser on the 2B batch
+  inversion  the bare work the inversion adds, in plain torch: the no-grad forwards of the LoRA denoiser the grid
+             needs (pairs at t ~ U{0..999}: ceil(t/100) forwards each, in 10 calls of the samples still moving)
 Recipe step time = (T(n2 steps) - T(n1 steps)) / (n2 - n1) (start-up, model load and cache build cancel out); each
 variant runs in ROUNDS interleaved rounds and the fastest counts. Target: InPO step <= 1.10 x (DPO step + inversion).
 """
@@ -55,7 +56,7 @@ def recipe(folder: Path, method: str) -> dict:
 
 
 def bare_inversion() -> dict:
-    """INVERSION_STEPS no-grad forwards of the LoRA denoiser (adapters on) on the 2B batch, plain torch."""
+    """The no-grad forwards of the LoRA denoiser (adapters on) the InPO inversion grid needs, plain torch."""
     import torch
 
     from diffalign.models import load_family
@@ -68,10 +69,15 @@ def bare_inversion() -> dict:
     cond = family.encode_prompts(["a red circle on a black background"] * (2 * BATCH))["prompt_embeds"]
 
     def step():
+        """One step's inversion forwards: pairs at t ~ U{0..999} take ceil(t/100) steps of the grid, in lockstep."""
+        t = torch.randint(0, 1000, (BATCH,), generator=g).repeat(2)
+        counts = torch.ceil(t * INVERSION_STEPS / 1000).clamp(1, INVERSION_STEPS)
         with torch.no_grad():
-            for i in range(INVERSION_STEPS):
-                t = torch.full((2 * BATCH,), 1000 * i // INVERSION_STEPS)
-                unet(latents, t, encoder_hidden_states=cond)
+            for j in range(1, INVERSION_STEPS + 1):
+                moving = (counts >= j).nonzero().squeeze(1)
+                if len(moving) == 0:
+                    moving = moving.new_zeros(1)
+                unet(latents[moving], t[moving], encoder_hidden_states=cond[moving])
 
     for _ in range(2):
         step()

@@ -19,8 +19,8 @@ from pairdata import write_parquet
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
-from diffalign.models import Family
-from diffalign.train import common, load_train_config
+from diffalign.models import Family, cond_select
+from diffalign.train import common, inpo, load_train_config
 from diffalign.train.dpo import DPOConfig, dpo_step
 from diffalign.train.inpo import InPOConfig, inpo_step
 
@@ -85,13 +85,13 @@ def test_inpo_on_a_forward_noised_latent_is_dpo(kind, monkeypatch):
     monkeypatch.setattr(family, "sample_train_timesteps", lambda n, *a, **k: t[:n])
     noise = torch.randn(latents[:2].shape, generator=torch.Generator().manual_seed(7))
     forward_noised = family.noisy_and_target(latents, torch.cat([noise, noise]), t)[0]
-    monkeypatch.setattr(family, "invert", lambda x0, *a, **k: forward_noised)
+    monkeypatch.setattr(inpo, "invert_on_grid", lambda *a, **k: forward_noised)
 
     generator = torch.Generator().manual_seed(7)
     dpo, dpo_metrics = dpo_step(family, latents, cond, preference, DPOConfig(beta=500), generator)
-    inpo, inpo_metrics = inpo_step(family, latents, cond, preference, InPOConfig(beta=500), torch.Generator())
+    loss, inpo_metrics = inpo_step(family, latents, cond, preference, InPOConfig(beta=500), torch.Generator())
     assert abs(dpo.item() - 0.693147) > 1e-3  # the policy differs from the reference: a real comparison
-    torch.testing.assert_close(inpo, dpo, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss, dpo, atol=1e-5, rtol=1e-4)
     for key, value in dpo_metrics.items():
         torch.testing.assert_close(inpo_metrics[key], value, atol=1e-5, rtol=1e-4)
 
@@ -103,20 +103,40 @@ def test_the_inversion_uses_the_policy_unless_configured(inverter, monkeypatch):
     family = perturbed_family("sd")
     latents, cond, preference = pair_batch(family)
     used = []
-    original = family.invert
-    monkeypatch.setattr(family, "invert", lambda *a, **k: used.append((a, k, original(*a, **k))) or used[-1][2])
+    original = inpo.invert_on_grid
+    monkeypatch.setattr(inpo, "invert_on_grid", lambda *a: used.append((a, original(*a))) or used[-1][1])
     cfg = InPOConfig(beta=500, eta=0.0, inversion_steps=3, inverter=inverter)
     inpo_step(family, latents, cond, preference, cfg, torch.Generator().manual_seed(0))
-    (args, _, inverted), t = used[0], used[0][0][2]
-    assert len(used) == 1 and args[3] == 3
-    assert torch.equal(t[:2], t[2:])  # winner and loser share t
-    by_policy = original(latents, cond, t, 3)
+    assert len(used) == 1
+    (_, _, _, t, steps, _, _), inverted = used[0]
+    assert steps == 3 and torch.equal(t[:2], t[2:])  # winner and loser share t
+    by_policy = original(family, latents, cond, t, 3, 0.0, None)
     with family.reference():
-        by_reference = original(latents, cond, t, 3)
+        by_reference = original(family, latents, cond, t, 3, 0.0, None)
     assert (by_policy - by_reference).abs().max() > 1e-3
     expected, other = (by_policy, by_reference) if inverter == "policy" else (by_reference, by_policy)
     torch.testing.assert_close(inverted, expected)
     assert (inverted - other).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["sd", "flux"])
+def test_grid_inversion_takes_ceil_t_over_the_stride_steps_in_a_fixed_number_of_calls(kind, monkeypatch):
+    """A sample at t is inverted in ceil(t/100) steps of the 10-step grid (Family.invert with that many steps), while
+    every batch costs exactly 10 denoiser calls, whatever its timesteps (a batch of small t: discarded calls)."""
+    family = perturbed_family(kind)
+    x0, cond, _ = pair_batch(family, pairs=2)
+    t = torch.tensor([50.0, 250.0, 999.0, 1000.0 if kind == "flux" else 700.0])
+    calls = []
+    denoise = family.denoise
+    monkeypatch.setattr(family, "denoise", lambda x, *a: calls.append(x.shape[0]) or denoise(x, *a))
+    gridded = inpo.invert_on_grid(family, x0, cond, t, 10, 0.0, None)
+    assert len(calls) == 10 and sum(calls) == 1 + 3 + 10 + (10 if kind == "flux" else 7)
+    for i, steps in enumerate([1, 3, 10, 10 if kind == "flux" else 7]):
+        alone = family.invert(x0[i : i + 1], cond_select(cond, [i]), t[i : i + 1], steps)
+        torch.testing.assert_close(gridded[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    inpo.invert_on_grid(family, x0, cond, torch.full((4,), 30.0), 10, 0.1, torch.Generator().manual_seed(0))
+    assert calls == [4] + [1] * 9  # one real step, then discarded one-sample calls: 10 on every process
 
 
 def adapters_on(family: Family) -> bool:
@@ -129,14 +149,14 @@ def test_recipe_runs_on_every_family_and_its_lora_loads_in_a_stock_pipeline(kind
     calls = []
     walk = Family.walk
 
-    def spy(self, *args, **kwargs):  # the recipe's inversions: with the policy's adapters on, without gradient
+    def spy(self, *args, **kwargs):  # the recipe's inversion steps: with the policy's adapters on, without gradient
         calls.append(adapters_on(self) and not torch.is_grad_enabled())
         return walk(self, *args, **kwargs)
 
     monkeypatch.setattr(Family, "walk", spy)
     out = tmp_path / "run"
     final = train_in_process([*base_overrides(kind, pairs_file, out), "validation.prompts=[a red circle]"])
-    assert calls == [True, True]  # one inversion per step
+    assert calls and all(calls)  # inverted by the policy (steps: 1 or 2 per step, by t)
     assert final == out / "lora" and (final / "pytorch_lora_weights.safetensors").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]

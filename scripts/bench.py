@@ -2,6 +2,7 @@
 
     python scripts/bench.py score     # `diffalign score` end to end vs the bare reward forward (target ratio >= 0.8)
     python scripts/bench.py dpo       # DPO step time vs the bare work (scripts/bench_dpo.py)
+    python scripts/bench.py inpo      # InPO step vs a DPO step + the bare inversion forwards (scripts/bench_inpo.py)
     python scripts/bench.py all       # every bench, in order
 
 Add a bench: write a function printing its figures and register it in BENCHES.
@@ -148,7 +149,16 @@ def bench_dpo() -> None:
     bench_dpo.main()
 
 
-BENCHES: dict[str, Callable[[], None]] = {"score": bench_score, "dpo": bench_dpo}
+# -------------------------------------------------------------------------------------------------------- inpo
+def bench_inpo() -> None:
+    """The InPO step benchmark of scripts/bench_inpo.py (vs a DPO step and the bare inversion forwards)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_inpo
+
+    bench_inpo.main()
+
+
+BENCHES: dict[str, Callable[[], None]] = {"score": bench_score, "dpo": bench_dpo, "inpo": bench_inpo}
 
 
 def main() -> None:

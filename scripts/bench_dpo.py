@@ -101,13 +101,13 @@ def bare(folder: Path) -> dict:
     return {"step_s": (time.perf_counter() - start) / (STEPS[1] - STEPS[0]), "peak_mb": _peak_mb()}
 
 
-def _train(pairs: Path, out: Path, steps: int, cache: Path | None) -> float:
-    """Seconds for one in-process recipe run of `steps` steps."""
+def _train(pairs: Path, out: Path, steps: int, cache: Path | None, method: str = "dpo") -> float:
+    """Seconds for one in-process run of `steps` steps of the `method` recipe (a preference-pair method)."""
     from diffalign.train import load_train_config, train
     from diffalign.train.common import reset_accelerate_state
 
     overrides = [
-        "method=dpo",
+        f"method={method}",
         f"model.name={_model()}",
         f"data.source={pairs}",
         f"output_dir={out}",

@@ -1,20 +1,29 @@
 """Do the methods align the toy model? The acceptance experiment, on CPU, run with the demo's own method sections.
 
-    python scripts/toy_alignment.py [--methods dpo] [--seeds 0 1 2] [--eval-samples 256] [--out runs/toy-align]
-                                    [key=value ...]
+    python scripts/toy_alignment.py [--methods dpo,inpo] [--seeds 0 1 2] [--eval-samples 256] [--steps 300]
+                                    [--equal-time] [--out runs/toy-align] [key=value ...]
 
 1. The base model measured on HELD-OUT prompts: `--eval-samples` samples, gold checker and proxy, seed 10000.
 2. For each method and training seed: the demo's section for it (DPO: pairs on the TRAINING prompts ranked by the
-   PROXY reward toy-clip, never the gold checker, made once and shared; training with configs/<method>/toy.yaml plus
-   the overrides), then the same measurement with the same sampling seeds (a paired comparison).
+   PROXY reward toy-clip, never the gold checker, made once and shared — or reused from an earlier run with
+   `--pairs`; training with configs/<method>/toy.yaml plus the overrides), then the same measurement with the same
+   sampling seeds (a paired comparison).
 3. Per method, the gain in gold all-correct, mean attributes and proxy, per seed and over seeds, with two standard
    errors: across training seeds (std/sqrt(k)) and of the paired per-image differences (pooled), and the wall time.
-   Results in <out>/results.json.
+   Every training method runs the same number of optimizer steps (`--steps`); its training time is reported, wall
+   and CPU (this process's CPU seconds: on a shared machine the wall time depends on everyone else's load), with
+   the gain per 100 steps and per CPU minute.
+4. `--equal-time`: every method after the first is trained again, with its steps scaled so that its training time
+   matches the first method's mean (steps x first's CPU seconds per step / its CPU seconds per step, from the runs
+   above), and measured the same way: the comparison at equal compute. Results under "<method>@equal-time".
+5. Every later method (and equal-time run) minus the first, per training seed, on the same held-out samples
+   (paired SE). Results in <out>/results.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +37,9 @@ from diffalign.models import load_family
 from diffalign.rewards import load_reward
 
 EVAL_SEED = 10_000
+TIMING = ("steps", "train_seconds", "train_cpu_seconds")
+"""What a section reports about its training run: optimizer steps, wall and CPU seconds (this process's CPU time:
+what matters on a shared machine, where the wall time depends on everyone else's load)."""
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -55,7 +67,52 @@ def summarize(runs: list[dict]) -> dict:
             "gain_over_2se": gain_mean > 2 * max(across if not math.isnan(across) else 0.0, pooled),
         }
     summary["seconds_mean"] = sum(r["seconds"] for r in runs) / len(runs)
+    if all(key in r for r in runs for key in TIMING):
+        steps = runs[0]["steps"]
+        summary["steps"] = steps
+        summary["train_seconds_mean"] = sum(r["train_seconds"] for r in runs) / len(runs)
+        summary["train_cpu_seconds_mean"] = sum(r["train_cpu_seconds"] for r in runs) / len(runs)
+        summary["cpu_seconds_per_step"] = summary["train_cpu_seconds_mean"] / steps
+        summary["all_correct"]["gain_per_100_steps"] = 100 * summary["all_correct"]["gain_mean"] / steps
+        summary["all_correct"]["gain_per_cpu_minute"] = (
+            60 * summary["all_correct"]["gain_mean"] / summary["train_cpu_seconds_mean"]
+        )
     return summary
+
+
+def run_method(ctx: DemoContext, method: str, seeds: list[int], label: str, afters: dict) -> dict:
+    """The method's section for every training seed, measured against the base; its summary over seeds. The
+    per-image scores of each after-measurement go to `afters[(label, seed)]`."""
+    runs = []
+    for seed in seeds:
+        result = section(method)(ctx.with_seed(seed))
+        run = {"seed": seed, "seconds": round(result.seconds, 1), **paired_gain(ctx.base, result.after)}
+        run |= {key: result.facts[key] for key in TIMING if key in result.facts}
+        runs.append(run)
+        afters[label, seed] = {key: result.after[key] for key in ("prompts", "gold", "proxy")}
+        print(json.dumps({"method": label, **run}), flush=True)
+    return {"runs": runs, **summarize(runs)}
+
+
+def versus(afters: dict, label: str, first: str, seeds: list[int]) -> dict:
+    """`label` minus `first` on the same held-out samples, per training seed (paired: the same sampling seeds)."""
+    per_seed = [paired_gain(afters[first, seed], afters[label, seed]) for seed in seeds]
+    mean = {key: sum(p[key]["gain"] for p in per_seed) / len(per_seed) for key in per_seed[0]}
+    return {key: {"difference_mean": mean[key], "per_seed": [p[key] for p in per_seed]} for key in per_seed[0]}
+
+
+def reuse_pairs(ctx: DemoContext, path: Path) -> DemoContext:
+    """`ctx` with the pairs of `path` (best vs worst: one pair per prompt, the prompts without one tied)."""
+    import pyarrow.parquet as pq
+
+    pairs = pq.read_metadata(path).num_rows
+    prompts = len(ctx.train) * ctx.settings.pairs_repeats
+    return dataclasses.replace(ctx, _pairs={"path": path.resolve(), "pairs": pairs, "ties": prompts - pairs})
+
+
+def with_steps(settings: DemoSettings, method: str, steps: int) -> DemoSettings:
+    """`settings` with `steps` optimizer steps for `method` (its `<method>_steps` field)."""
+    return dataclasses.replace(settings, **{f"{method}_steps": steps})
 
 
 def main() -> None:
@@ -66,6 +123,15 @@ def main() -> None:
     parser.add_argument("--pairs-repeats", type=int, default=24)
     parser.add_argument("--images-per-prompt", type=int, default=8)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every training method")
+    parser.add_argument(
+        "--equal-time", action="store_true", help="also train every later method for the first one's training time"
+    )
+    parser.add_argument(
+        "--pairs",
+        type=Path,
+        help="reuse the pairs of an earlier run with the same --pairs-repeats/--images-per-prompt (its "
+        "<out>/pairs.parquet) instead of making them again",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/toy-align"))
     parser.add_argument("overrides", nargs="*", help="key=value overrides of every method's toy config")
     args = parser.parse_args()
@@ -74,22 +140,28 @@ def main() -> None:
     started = time.perf_counter()
     settings = DemoSettings(
         eval_samples=args.eval_samples, pairs_repeats=args.pairs_repeats, images_per_prompt=args.images_per_prompt,
-        dpo_steps=args.steps, validation_every=100, validation_images=1,
+        dpo_steps=args.steps, inpo_steps=args.steps, validation_every=100, validation_images=1,
     )  # fmt: skip
     ctx = DemoContext(
         family=load_family("toy"), proxy=load_reward(PROXY), heldout=heldout_prompts(), train=train_prompts(),
         settings=settings, work=args.out, eval_seed=EVAL_SEED, pairs_seed=1, train_overrides=list(args.overrides),
     )  # fmt: skip
+    if args.pairs is not None:
+        ctx = reuse_pairs(ctx, args.pairs)
     ctx.base = ctx.measure()
-    results = {}
-    for method in methods:
-        runs = []
-        for seed in args.seeds:
-            result = section(method)(ctx.with_seed(seed))
-            run = {"seed": seed, "seconds": round(result.seconds, 1), **paired_gain(ctx.base, result.after)}
-            runs.append(run)
-            print(json.dumps({"method": method, **run}), flush=True)
-        results[method] = {"runs": runs, **summarize(runs)}
+    afters: dict = {}
+    results = {method: run_method(ctx, method, args.seeds, method, afters) for method in methods}
+    if args.equal_time:
+        first = results[methods[0]]
+        for method in methods[1:]:
+            ratio = first["cpu_seconds_per_step"] / results[method]["cpu_seconds_per_step"]
+            steps = max(1, round(args.steps * ratio))
+            timed = dataclasses.replace(ctx, settings=with_steps(settings, method, steps), work=args.out / "equal-time")
+            label = f"{method}@equal-time"
+            results[label] = run_method(timed, method, args.seeds, label, afters)
+    for label, result in results.items():
+        if label != methods[0]:
+            result["versus_" + methods[0]] = versus(afters, label, methods[0], args.seeds)
     summary = {
         "settings": vars(args) | {"out": str(args.out)},
         "n_eval": args.eval_samples,
@@ -98,6 +170,21 @@ def main() -> None:
     }
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
     for method, result in results.items():
+        if "steps" in result:
+            gold = result["all_correct"]
+            print(
+                f"{method:10s} {result['steps']} steps, training {result['train_seconds_mean']:.0f} s wall, "
+                f"{result['train_cpu_seconds_mean']:.0f} s CPU ({result['cpu_seconds_per_step']:.2f} CPU s/step): "
+                f"all-correct gain {100 * gold['gain_per_100_steps']:+.2f} points per 100 steps, "
+                f"{100 * gold['gain_per_cpu_minute']:+.2f} points per CPU minute"
+            )
+        if f"versus_{methods[0]}" in result:
+            diffs = result[f"versus_{methods[0]}"]["all_correct"]
+            print(
+                f"{method:10s} minus {methods[0]}, all-correct on the same samples: "
+                + ", ".join(f"{100 * d['gain']:+.1f} ± {100 * d['paired_se']:.1f}" for d in diffs["per_seed"])
+                + f" points per seed (paired SE); mean {100 * diffs['difference_mean']:+.1f}"
+            )
         for key in ("all_correct", "gold_score", "proxy"):
             s = result[key]
             print(

@@ -15,8 +15,9 @@ from diffalign.gym.world import heldout_prompts, train_prompts
 from diffalign.train.common import reset_accelerate_state
 
 SMALL = demo.DemoSettings(
-    eval_samples=18, pairs_repeats=1, images_per_prompt=2, dpo_steps=4, validation_every=2, validation_images=1
-)
+    eval_samples=18, pairs_repeats=1, images_per_prompt=2, dpo_steps=4, inpo_steps=2, validation_every=2,
+    validation_images=1,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,17 @@ def test_demo_report_has_every_section(demo_run):
     assert html.count("<svg") >= 3 and html.count("data:image/png;base64,") >= 2 * 18
     assert all(prompt in html for prompt in heldout_prompts())
     assert f"{metrics['base']['all_correct']:.3f}" in html
+
+
+def test_demo_inpo_section_trains_on_the_dpo_pairs(demo_run):
+    out, metrics = demo_run
+    inpo, dpo = metrics["methods"]["inpo"], metrics["methods"]["dpo"]
+    assert (inpo["pairs"], inpo["ties"]) == (dpo["pairs"], dpo["ties"]) and inpo["steps"] == SMALL.inpo_steps
+    assert inpo["after"]["n"] == 18 and inpo["train_seconds"] > 0 and inpo["train_cpu_seconds"] > 0
+    assert [step for step, _ in inpo["curves"]["proxy"]] == [0, 2]
+    assert (out / "inpo" / "seed0" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert Image.open(out / "inpo" / "after_grid.png").size[0] > 32
+    assert "<h2>DDIM-InPO</h2>" in (out / "report.html").read_text()
 
 
 def test_a_failed_demo_keeps_the_previous_report(demo_run, monkeypatch):

@@ -16,8 +16,8 @@ from diffalign import hub
 from diffalign.apps import demo
 assert "site-packages" in diffalign.__file__, diffalign.__file__
 assert str(hub.ASSETS_DIR).startswith(sys.argv[1]) and str(hub.CONFIGS_DIR).startswith(sys.argv[1]), hub.ASSETS_DIR
-small = demo.DemoSettings(eval_samples=9, pairs_repeats=1, images_per_prompt=2, dpo_steps=2, validation_every=2,
-                          validation_images=1)
+small = demo.DemoSettings(eval_samples=9, pairs_repeats=1, images_per_prompt=2, dpo_steps=2, inpo_steps=1,
+                          validation_every=2, validation_images=1)
 metrics = demo.run_demo(sys.argv[2], settings=small)
 print(json.dumps({"methods": list(metrics["methods"])}))
 """
@@ -41,5 +41,5 @@ def test_a_wheel_install_runs_the_demo_from_another_directory(tmp_path):
         cwd=tmp_path / "elsewhere", env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert '"methods": ["dpo"]' in result.stdout
+    assert '"methods": ["dpo", "inpo"]' in result.stdout  # configs/inpo/toy.yaml installed and found
     assert (tmp_path / "demo" / "report.html").is_file()

@@ -607,6 +607,21 @@ def test_inversion_with_a_perfect_model_is_the_forward_noising(kind, monkeypatch
     torch.testing.assert_close(inverted, family.noisy_and_target(x0, noise, t)[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_implied_target_inverts_noisy_and_target(kind):
+    """The InPO reparametrisation: for x_t = noisy_and_target(x0, noise, t)[0], implied_target(x0, x_t, t) is the
+    target noisy_and_target returned (eps, v or the flow velocity), on every family and per-sample t."""
+    family = build_family(kind)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(family.latent_shape(6, 32), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.cat([family.sample_train_timesteps(4, g, "uniform"), family.timesteps_at(torch.tensor([0, 500]))])
+    noisy, target = family.noisy_and_target(x0, noise, t)
+    torch.testing.assert_close(family.implied_target(x0, noisy, t), target, atol=2e-4, rtol=2e-4)
+    # a latent that is not forward-noised x0 implies another target
+    assert (family.implied_target(x0, noisy + 0.1, t) - target).abs().min() > 1e-3
+
+
 @pytest.mark.parametrize("kind", [*FAMILY_KINDS, "toy"])
 def test_inverting_then_walking_back_reconstructs_x0(kind):
     """invert to t, then denoise along the same grid with eta = 0: x0 comes back. Measured relative errors at 50

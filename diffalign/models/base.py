@@ -7,6 +7,7 @@ transformer. Methods (DPO, InPO, AlignProp, ReNO, RLG) and rewards only use this
     family.encode_negative(negative_prompt) -> Cond     the unconditional/negative conditioning for CFG, batch 1
     family.sample_train_timesteps(n) -> t               timesteps for the denoising loss (on the model's 0..1000 scale)
     family.noisy_and_target(x0, noise, t)               model input x_t and the regression target (eps, v or velocity)
+    family.implied_target(x0, x_t, t)                   the target of the noise that makes x_t a noised x0 (InPO)
     family.predict(x_t, t, cond, uncond, cfg_scale)     denoiser prediction, with optional classifier-free guidance
     family.schedule(num_steps, latents) / .step(...)    differentiable sampler (DDIM+eta for UNets, flow Euler)
     family.sample(cond, ..., checkpoint, detach_before, predict) full differentiable sampling loop
@@ -243,6 +244,12 @@ class Family:
 
     def noisy_and_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         """Model input x_t and the regression target for clean `latents`, `noise` and `timesteps` ([B])."""
+        raise NotImplementedError  # family-specific
+
+    def implied_target(self, latents: Tensor, noisy: Tensor, timesteps: Tensor) -> Tensor:
+        """The regression target that makes `noisy` the forward-noised `latents` at `timesteps`: the target
+        `noisy_and_target` returns for the noise ε̂ with noisy_and_target(latents, ε̂, timesteps)[0] == noisy (the
+        reparametrisation of DDIM-InPO, `diffalign.losses.inpo`: ε̂, v̂ or the flow velocity ε̂ - x0)."""
         raise NotImplementedError  # family-specific
 
     # ---------------------------------------------------------------------------------------------- prediction

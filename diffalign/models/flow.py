@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from diffalign.losses.inpo import velocity_from_inversion
 from diffalign.models.base import Family, Schedule
 
 
@@ -44,6 +45,11 @@ class FlowFamily(Family):
     def noisy_and_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         sigma = self.sigmas_for(timesteps).reshape(-1, *([1] * (latents.ndim - 1))).to(latents)
         return (1 - sigma) * latents + sigma * noise, noise - latents
+
+    def implied_target(self, latents: Tensor, noisy: Tensor, timesteps: Tensor) -> Tensor:
+        """The velocity ε̂ - x0 = (x_t - x0) / sigma of the noise ε̂ with x_t = (1 - sigma) x0 + sigma ε̂."""
+        sigma = self.sigmas_for(timesteps).reshape(-1, *([1] * (latents.ndim - 1))).to(latents)
+        return velocity_from_inversion(noisy, latents, sigma)
 
     # ---------------------------------------------------------------------------------------------- sampling
     def _set_sampling_timesteps(self, scheduler, num_steps: int, latents: Tensor) -> None:

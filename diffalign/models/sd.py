@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from diffalign.errors import UserError
+from diffalign.losses.inpo import noise_from_inversion, v_from_inversion
 from diffalign.models.base import Cond, Family, Schedule
 
 
@@ -66,6 +67,17 @@ class UNetFamily(Family):
         else:
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
         return noisy, target
+
+    def implied_target(self, latents: Tensor, noisy: Tensor, timesteps: Tensor) -> Tensor:
+        """ε̂ = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t) (epsilon), (sqrt(a_t) x_t - x0) / sqrt(1 - a_t) (v), or x0."""
+        alpha = self._alpha(timesteps, latents)
+        if self.prediction_type == "epsilon":
+            return noise_from_inversion(noisy, latents, alpha)
+        if self.prediction_type == "v_prediction":
+            return v_from_inversion(noisy, latents, alpha)
+        if self.prediction_type == "sample":
+            return latents
+        raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
 
     # ---------------------------------------------------------------------------------------------- sampling
     def schedule(self, num_steps: int, latents: Tensor) -> Schedule:

@@ -19,6 +19,7 @@ from diffalign.errors import UserError
 
 METHODS: dict[str, str] = {
     "dpo": "diffalign.train.dpo",
+    "inpo": "diffalign.train.inpo",
 }
 """`method:` -> the module holding its `Config` class and `train(cfg)` function."""
 

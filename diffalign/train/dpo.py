@@ -15,10 +15,14 @@ from typing import TYPE_CHECKING, Literal
 from diffalign.config import DataConfig, TimestepConfig, TrainConfig, bounded
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
     from torch import Tensor
 
     from diffalign.models import Cond, Family
+
+    PairStep = Callable[[Family, Tensor, Cond, Tensor, torch.Generator], tuple[Tensor, dict[str, Tensor]]]
 
 
 @dataclass
@@ -53,13 +57,21 @@ def dpo_step(
     """Loss and metrics of one batch: latents/cond hold winners then losers ([2B]); noise and t shared per pair."""
     import torch
 
-    from diffalign.losses.dpo import dpo_loss, per_sample_error
-
     half = latents.shape[0] // 2
     noise = torch.randn(latents[:half].shape, generator=generator).to(latents)
     t = family.sample_train_timesteps(half, generator, **asdict(timesteps or TimestepConfig()))
     noise, t = torch.cat([noise, noise]), torch.cat([t, t])
     noisy, target = family.noisy_and_target(latents, noise, t)
+    return preference_loss(family, noisy, t, cond, target, preference, cfg)
+
+
+def preference_loss(
+    family: Family, noisy: Tensor, t: Tensor, cond: Cond, target: Tensor, preference: Tensor, cfg: DPOConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The Diffusion-DPO loss of the policy's and the reference's errors at model input `noisy` ([2B], winners then
+    losers) against `target`: the part of the step DPO and InPO share (they differ only in input and target)."""
+    from diffalign.losses.dpo import dpo_loss, per_sample_error
+
     err = per_sample_error(family.predict(noisy, t, cond), target)
     with family.reference():
         ref_err = per_sample_error(family.predict(noisy, t, cond), target)
@@ -75,6 +87,17 @@ def dpo_step(
 
 def train(cfg: Config) -> Path:
     """Run the recipe; returns the folder of the final LoRA (or full denoiser)."""
+
+    def step(family: Family, latents: Tensor, cond: Cond, preference: Tensor, generator: torch.Generator):
+        return dpo_step(family, latents, cond, preference, cfg.dpo, generator, cfg.timesteps)
+
+    return train_on_pairs(cfg, step)
+
+
+def train_on_pairs(cfg: TrainConfig, pair_step: PairStep) -> Path:
+    """Train on the preference pairs of `cfg.data` with `pair_step(family, latents, cond, preference, generator) ->
+    (loss, metrics)` (latents and cond hold winners then losers, [2B]; DPO's or InPO's step): the same data, cache,
+    loop, checkpoints and logging for every pair method. Returns the folder of the final LoRA (or full denoiser)."""
     from diffalign.data.loader import PairBatches, pair_model_inputs
     from diffalign.data.pairs import open_pairs
     from diffalign.train import common
@@ -104,6 +127,6 @@ def train(cfg: Config) -> Path:
 
     def step(batch, generator):
         latents, cond, preference = pair_model_inputs(family, batch)
-        return dpo_step(family, latents, cond, preference, cfg.dpo, generator, cfg.timesteps)
+        return pair_step(family, latents, cond, preference, generator)
 
     return fit(cfg, accelerator, family, params, make_batches, step, bar_metric="implicit_accuracy")

@@ -46,16 +46,32 @@ def after_lora(ctx: DemoContext, lora: Path, name: str) -> dict:
         ctx.family.unload_lora()
 
 
-def dpo_section(ctx: DemoContext) -> SectionResult:
-    """Pairs (shared), DPO training with curves, after-measurement."""
+def pair_training_charts(curves: dict[str, list[tuple[int, float]]], name: str) -> list[str]:
+    """The charts of a preference-pair method's run: held-out proxy and gold during training, loss, implicit
+    accuracy (`name` labels the last two)."""
     from diffalign.apps import report
 
+    return [
+        report.line_chart({"proxy reward (toy-clip)": curves["proxy"]}, "held-out proxy reward during training"),
+        report.line_chart(
+            {"gold all-correct": curves["gold_all_correct"], "gold mean attributes": curves["gold_score"]},
+            "held-out gold accuracy during training",
+        ),
+        report.line_chart({"loss": curves["loss"]}, f"{name} loss"),
+        report.line_chart({"implicit accuracy": curves["implicit_accuracy"]}, f"{name} implicit accuracy"),
+    ]
+
+
+def dpo_section(ctx: DemoContext) -> SectionResult:
+    """Pairs (shared), DPO training with curves, after-measurement."""
     started = time.perf_counter()
     pairs = ctx.pairs()
     out = ctx.work / "dpo"
     steps = ctx.settings.dpo_steps
     run = out / f"seed{ctx.seed}"
+    training, cpu = time.perf_counter(), time.process_time()
     lora = train_on_toy(ctx, "dpo", run, steps, [f"data.source={pairs['path']}"])
+    train_seconds, train_cpu_seconds = time.perf_counter() - training, time.process_time() - cpu
     curves = read_curves(run / "metrics.jsonl", extra=("loss", "implicit_accuracy"))
     ctx.console.print(f"  measuring the DPO model on {ctx.settings.eval_samples} held-out samples (same seeds)")
     after = after_lora(ctx, lora, "dpo")
@@ -63,13 +79,7 @@ def dpo_section(ctx: DemoContext) -> SectionResult:
         f"<p>{pairs['pairs']} preference pairs (best vs worst of {ctx.settings.images_per_prompt} images per "
         f"training prompt, ranked by the proxy; {pairs['ties']} prompts tied), then {steps} LoRA steps with "
         "<code>configs/dpo/toy.yaml</code>.</p>",
-        report.line_chart({"proxy reward (toy-clip)": curves["proxy"]}, "held-out proxy reward during training"),
-        report.line_chart(
-            {"gold all-correct": curves["gold_all_correct"], "gold mean attributes": curves["gold_score"]},
-            "held-out gold accuracy during training",
-        ),
-        report.line_chart({"loss": curves["loss"]}, "DPO loss"),
-        report.line_chart({"implicit accuracy": curves["implicit_accuracy"]}, "DPO implicit accuracy"),
+        *pair_training_charts(curves, "DPO"),
     ]
     return SectionResult(
         key="dpo",
@@ -78,6 +88,12 @@ def dpo_section(ctx: DemoContext) -> SectionResult:
         after=after,
         seconds=time.perf_counter() - started,
         curves=curves,
-        facts={"pairs": pairs["pairs"], "ties": pairs["ties"], "steps": steps},
+        facts={
+            "pairs": pairs["pairs"],
+            "ties": pairs["ties"],
+            "steps": steps,
+            "train_seconds": round(train_seconds, 1),
+            "train_cpu_seconds": round(train_cpu_seconds, 1),  # robust to other processes on a shared machine
+        },
         html=html,
     )

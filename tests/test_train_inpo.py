@@ -1,0 +1,262 @@
+"""The DDIM-InPO recipe: InPO is DPO on a forward-noised latent, the policy inverts (unless configured), smoke runs
+on every family with stock LoRA loading, a full fine-tune, resume after kill -9, 2-rank DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_family, build_pipeline
+from distributed import failure, launch_two_ranks
+from pairdata import write_parquet
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
+
+from diffalign.models import Family, cond_select
+from diffalign.train import common, inpo, load_train_config
+from diffalign.train.dpo import DPOConfig, dpo_step
+from diffalign.train.inpo import InPOConfig, inpo_step
+
+
+def train_in_process(overrides: list[str]) -> Path:
+    from diffalign.train import train
+
+    common.reset_accelerate_state()
+    try:
+        return train(load_train_config(None, ["method=inpo", *overrides]))
+    finally:
+        common.reset_accelerate_state()
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", 8)
+
+
+def base_overrides(kind: str, pairs: Path, out: Path) -> list[str]:
+    return [
+        f"model.name=tiny-{kind}",
+        f"data.source={pairs}",
+        f"output_dir={out}",
+        "batch_size=2",
+        "max_steps=2",
+        "checkpoint_every=0",
+        "log_every=1",
+        "report_to=none",
+        "optim.lr=1e-3",
+        "inpo.beta=500",
+        "inpo.inversion_steps=2",
+    ]
+
+
+def perturbed_family(kind: str) -> Family:
+    """A tiny family with a LoRA whose B matrices are non-zero (policy != reference)."""
+    family = build_family(kind)
+    family.add_lora(rank=4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in family.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return family
+
+
+def pair_batch(family: Family, pairs: int = 2):
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(family.latent_shape(2 * pairs, 32), generator=g)
+    cond = family.encode_prompts(["a red circle", "a blue square"] * pairs)
+    return latents, cond, torch.ones(pairs)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd-v", "flux"])
+def test_inpo_on_a_forward_noised_latent_is_dpo(kind, monkeypatch):
+    """When the inversion lands on the forward-noised latent sqrt(a) x0 + sqrt(1-a) eps (or the flow's), the
+    reparametrised target is eps's target and the InPO loss and metrics are Diffusion-DPO's on the same numbers."""
+    family = perturbed_family(kind)
+    latents, cond, preference = pair_batch(family)
+    t = torch.cat([family.timesteps_at(torch.tensor([100, 700]))] * 2)
+    monkeypatch.setattr(family, "sample_train_timesteps", lambda n, *a, **k: t[:n])
+    noise = torch.randn(latents[:2].shape, generator=torch.Generator().manual_seed(7))
+    forward_noised = family.noisy_and_target(latents, torch.cat([noise, noise]), t)[0]
+    monkeypatch.setattr(inpo, "invert_on_grid", lambda *a, **k: forward_noised)
+
+    generator = torch.Generator().manual_seed(7)
+    dpo, dpo_metrics = dpo_step(family, latents, cond, preference, DPOConfig(beta=500), generator)
+    loss, inpo_metrics = inpo_step(family, latents, cond, preference, InPOConfig(beta=500), torch.Generator())
+    assert abs(dpo.item() - 0.693147) > 1e-3  # the policy differs from the reference: a real comparison
+    torch.testing.assert_close(loss, dpo, atol=1e-5, rtol=1e-4)
+    for key, value in dpo_metrics.items():
+        torch.testing.assert_close(inpo_metrics[key], value, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("inverter", ["policy", "reference"])
+def test_the_inversion_uses_the_policy_unless_configured(inverter, monkeypatch):
+    """What the step inverts with is the current policy (adapters on), or with `inverter: reference` the reference:
+    the inverted latent the step used equals the one each model gives and differs from the other model's."""
+    family = perturbed_family("sd")
+    latents, cond, preference = pair_batch(family)
+    used = []
+    original = inpo.invert_on_grid
+    monkeypatch.setattr(inpo, "invert_on_grid", lambda *a: used.append((a, original(*a))) or used[-1][1])
+    cfg = InPOConfig(beta=500, eta=0.0, inversion_steps=3, inverter=inverter)
+    inpo_step(family, latents, cond, preference, cfg, torch.Generator().manual_seed(0))
+    assert len(used) == 1
+    (_, _, _, t, steps, _, _), inverted = used[0]
+    assert steps == 3 and torch.equal(t[:2], t[2:])  # winner and loser share t
+    by_policy = original(family, latents, cond, t, 3, 0.0, None)
+    with family.reference():
+        by_reference = original(family, latents, cond, t, 3, 0.0, None)
+    assert (by_policy - by_reference).abs().max() > 1e-3
+    expected, other = (by_policy, by_reference) if inverter == "policy" else (by_reference, by_policy)
+    torch.testing.assert_close(inverted, expected)
+    assert (inverted - other).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["sd", "flux"])
+def test_grid_inversion_takes_ceil_t_over_the_stride_steps_in_a_fixed_number_of_calls(kind, monkeypatch):
+    """A sample at t is inverted in ceil(t/100) steps of the 10-step grid (Family.invert with that many steps), while
+    every batch costs exactly 10 denoiser calls, whatever its timesteps (a batch of small t: discarded calls)."""
+    family = perturbed_family(kind)
+    x0, cond, _ = pair_batch(family, pairs=2)
+    t = torch.tensor([50.0, 250.0, 999.0, 1000.0 if kind == "flux" else 700.0])
+    calls = []
+    denoise = family.denoise
+    monkeypatch.setattr(family, "denoise", lambda x, *a: calls.append(x.shape[0]) or denoise(x, *a))
+    gridded = inpo.invert_on_grid(family, x0, cond, t, 10, 0.0, None)
+    assert len(calls) == 10 and sum(calls) == 1 + 3 + 10 + (10 if kind == "flux" else 7)
+    for i, steps in enumerate([1, 3, 10, 10 if kind == "flux" else 7]):
+        alone = family.invert(x0[i : i + 1], cond_select(cond, [i]), t[i : i + 1], steps)
+        torch.testing.assert_close(gridded[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    inpo.invert_on_grid(family, x0, cond, torch.full((4,), 30.0), 10, 0.1, torch.Generator().manual_seed(0))
+    assert calls == [4] + [1] * 9  # one real step, then discarded one-sample calls: 10 on every process
+
+
+def adapters_on(family: Family) -> bool:
+    layers = [m for m in family.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+    return bool(layers) and not any(layer.disable_adapters for layer in layers)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux"])
+def test_recipe_runs_on_every_family_and_its_lora_loads_in_a_stock_pipeline(kind, pairs_file, tmp_path, monkeypatch):
+    calls = []
+    walk = Family.walk
+
+    def spy(self, *args, **kwargs):  # the recipe's inversion steps: with the policy's adapters on, without gradient
+        calls.append(adapters_on(self) and not torch.is_grad_enabled())
+        return walk(self, *args, **kwargs)
+
+    monkeypatch.setattr(Family, "walk", spy)
+    out = tmp_path / "run"
+    final = train_in_process([*base_overrides(kind, pairs_file, out), "validation.prompts=[a red circle]"])
+    assert calls and all(calls)  # inverted by the policy (steps: 1 or 2 per step, by t)
+    assert final == out / "lora" and (final / "pytorch_lora_weights.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-4)  # LoRA starts as the identity: policy == reference
+    assert all(0 <= r["implicit_accuracy"] <= 1 for r in steps)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 2 and (out / "validation" / "step-000002.png").is_file()
+    assert load_train_config(out / "config.yaml").method == "inpo"
+    pipe = build_pipeline(kind)
+    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "pt"}
+    if kind in ("sd3", "flux"):
+        kwargs["max_sequence_length"] = 32
+    base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(str(final))
+    tuned = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (tuned - base).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("name,kind", [("sd15", "sd"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux", "flux")])
+def test_shipped_config_loads_with_the_paper_defaults(name, kind):
+    cfg = load_train_config(Path(__file__).parents[1] / "configs" / "inpo" / f"{name}.yaml")
+    assert cfg.method == "inpo" and cfg.inpo.inversion_steps == 10 and cfg.inpo.eta == 0.1
+    assert cfg.inpo.inverter == "policy" and cfg.inpo.beta == {"sd15": 2000, "sdxl": 5000}.get(name, cfg.inpo.beta)
+
+
+def test_a_shipped_config_runs_on_cpu_with_the_tiny_model_of_its_family(pairs_file, tmp_path):
+    """What a real config turns on (half-precision frozen parts, bf16 autocast, gradient checkpointing, a stream
+    decoded on threads) with the inversion; only model, data and sizes are swapped (SD3: the flow analogue)."""
+    config = Path(__file__).parents[1] / "configs" / "inpo" / "sd3.yaml"
+    out = tmp_path / "sd3"
+    overrides = [
+        "model.name=tiny-sd3", "model.resolution=32", f"data.source={pairs_file}", f"output_dir={out}",
+        "max_steps=1", "batch_size=2", "gradient_accumulation_steps=1", "report_to=none", "validation.prompts=[]",
+        "inpo.inversion_steps=2",
+    ]  # fmt: skip
+    cfg = load_train_config(config, overrides)
+    assert cfg.data.streaming and cfg.gradient_checkpointing and cfg.mixed_precision == "bf16"
+    common.reset_accelerate_state()
+    try:
+        from diffalign.train import train
+
+        assert train(cfg) == out / "lora"
+    finally:
+        common.reset_accelerate_state()
+
+
+def test_full_finetune_with_the_reference_inverting_saves_the_denoiser(pairs_file, tmp_path):
+    """The optional path: no LoRA (the reference is a frozen copy), inverted by that reference, bf16 autocast."""
+    out = tmp_path / "full"
+    overrides = [*base_overrides("sd", pairs_file, out), "lora.enabled=false", "max_steps=1", "mixed_precision=bf16"]
+    final = train_in_process([*overrides, "inpo.inverter=reference", "optim.optimizer=adafactor"])
+    assert (final / "config.json").is_file() and list(final.glob("*.safetensors"))
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(pairs_file, tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        f"method: inpo\nmodel:\n  name: tiny-sd\ndata:\n  source: {pairs_file}\n  empty_prompt_fraction: 0.3\n"
+        "batch_size: 2\nmax_steps: 10\ncheckpoint_every: 2\nlog_every: 1\nreport_to: none\n"
+        "optim:\n  lr: 1.0e-3\ninpo:\n  beta: 500\n  inversion_steps: 3\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "diffalign", "train", str(config)]
+    straight = subprocess.run(
+        [*command, f"output_dir={tmp_path / 'a'}"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert straight.returncode == 0, failure(straight)
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen(
+        [*command, f"output_dir={out}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(s >= 4 for s, _ in common.complete_checkpoints(out)):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [s for s, _ in common.complete_checkpoints(out)]
+    assert done and max(done) < 10, f"the run was not interrupted in the middle ({done})"
+    resumed = subprocess.run([*command, f"output_dir={out}"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, failure(resumed)
+    assert f"resumed from {out / 'checkpoints'}/checkpoint-{max(done)}" in resumed.stdout
+    a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_rank_ddp_run_keeps_ranks_identical(pairs_file, tmp_path):
+    """SD3 on purpose: its transformer has a buffer, which DDP broadcasts on every forward, so the ranks must make
+    the same number of inversion calls."""
+    out = tmp_path / "ddp"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        f"method: inpo\nmodel:\n  name: tiny-sd3\ndata:\n  source: {pairs_file}\nbatch_size: 1\nmax_steps: 2\n"
+        f"checkpoint_every: 0\nreport_to: none\noutput_dir: {out}\noptim:\n  lr: 1.0e-3\ninpo:\n  inversion_steps: 3\n"
+    )
+    result = launch_two_ranks(["-m", "diffalign", "train", str(config)])
+    assert result.returncode == 0, failure(result)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["optimizer_steps"] == 2
+    first, second = summary["rank_weight_sha256"]
+    assert first == second

@@ -19,6 +19,7 @@ from diffalign.errors import UserError
 
 METHODS: dict[str, str] = {
     "dpo": "diffalign.train.dpo",
+    "alignprop": "diffalign.train.alignprop",
 }
 """`method:` -> the module holding its `Config` class and `train(cfg)` function."""
 

@@ -4,7 +4,9 @@ A recipe supplies what differs between methods: a batch source (pairs for DPO/In
 its resumable position, and a step function `step(batch, generator) -> (loss, metrics)` (the generator is the
 process's training-noise RNG, saved in every checkpoint). Everything else exists only here: the optimizer and lr
 schedule, gradient accumulation, clipping only on sync steps, `reduce_mean` of the metrics on every rank, the NaN/inf
-stop before backward, logging, validation, atomic checkpoints with bit-exact resume, and the final save.
+stop before backward, logging, validation (with `validation.best_by`: the best weights kept in output_dir/best and,
+with `validation.early_stop`, a stop when the metric falls that many validations in a row), atomic checkpoints with
+bit-exact resume, and the final save.
 """
 
 from __future__ import annotations
@@ -66,12 +68,26 @@ def fit(
     batches = make_batches(state.data_position)
     runlog = common.RunLog(accelerator, cfg)
     validator = common.Validator(cfg, family)
-    if state.step == 0 and validator.enabled and accelerator.is_main_process:
-        runlog.log(validator.run(0), step=0)
+    state.best.metric = cfg.validation.best_by
+
+    def validate() -> bool:
+        """Validate on the main process, keep the best weights; whether to stop early (the same on every process)."""
+        stop = False
+        if accelerator.is_main_process:
+            metrics = validator.run(state.step)
+            runlog.log(metrics, step=state.step)
+            if cfg.validation.best_by and state.best.update(metrics, state.step):
+                common.save_best(family, cfg, state.best)
+            stop = 0 < cfg.validation.early_stop <= state.best.falls
+        return common.agree(accelerator, stop) if cfg.validation.early_stop else stop
+
+    if state.step == 0 and validator.enabled:
+        validate()
 
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.method, disable=not accelerator.is_local_main_process)
+    stopped_early = False
     with family.calling(model):
-        while state.step < cfg.max_steps:
+        while state.step < cfg.max_steps and not stopped_early:
             batch = next(batches)
             state.data_position += batches.advance(batch)
             state.skipped += batches.skipped(batch)
@@ -97,11 +113,18 @@ def fit(
             if state.step % cfg.log_every == 0 or last:
                 skipped = {f"skipped_{batches.unit}": state.skipped}
                 runlog.log({**values, "lr": state.schedule.get_last_lr()[0], **skipped}, step=state.step)
-            if validator.due(state.step, last) and accelerator.is_main_process:
-                runlog.log(validator.run(state.step), step=state.step)
+            if validator.due(state.step, last):
+                stopped_early = validate()
             if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
                 common.save_checkpoint(accelerator, cfg.output_dir, state, cfg.checkpoints_keep)
     bar.close()
-    final = common.save_final(family, cfg, accelerator, state, optimizer, unit=batches.unit)
+    if stopped_early:
+        accelerator.print(
+            f"early stop at step {state.step}: {cfg.validation.best_by} fell {state.best.falls} validations in a row"
+        )
+    extra = {}
+    if cfg.validation.best_by:
+        extra = {"best": common.best_record(state.best), "stopped_early": stopped_early}
+    final = common.save_final(family, cfg, accelerator, state, optimizer, unit=batches.unit, extra=extra)
     runlog.close()
     return final

@@ -2,6 +2,7 @@
 
     python scripts/bench.py score     # `diffalign score` end to end vs the bare reward forward (target ratio >= 0.8)
     python scripts/bench.py dpo       # DPO step time vs the bare work (scripts/bench_dpo.py)
+    python scripts/bench.py alignprop # AlignProp memory vs sampling steps, time vs the bare work (bench_alignprop.py)
     python scripts/bench.py all       # every bench, in order
 
 Add a bench: write a function printing its figures and register it in BENCHES.
@@ -148,7 +149,16 @@ def bench_dpo() -> None:
     bench_dpo.main()
 
 
-BENCHES: dict[str, Callable[[], None]] = {"score": bench_score, "dpo": bench_dpo}
+# --------------------------------------------------------------------------------------------------- alignprop
+def bench_alignprop() -> None:
+    """The AlignProp benchmark of scripts/bench_alignprop.py."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_alignprop
+
+    bench_alignprop.main()
+
+
+BENCHES: dict[str, Callable[[], None]] = {"score": bench_score, "dpo": bench_dpo, "alignprop": bench_alignprop}
 
 
 def main() -> None:

@@ -37,6 +37,8 @@ class DemoSettings:
     validation_every: int
     validation_images: int
     """Validation images per held-out prompt during training (the curves)."""
+    alignprop_steps: int = 2
+    """AlignProp optimizer steps (FULL and QUICK set it; the small default serves settings made elsewhere)."""
 
 
 FULL = DemoSettings(

@@ -18,6 +18,7 @@ class Section:
 
 SECTIONS: dict[str, Section] = {
     "dpo": Section("Diffusion-DPO", "diffalign.apps.sections.dpo:dpo_section"),
+    "alignprop": Section("AlignProp", "diffalign.apps.sections.alignprop:alignprop_section"),
 }
 
 

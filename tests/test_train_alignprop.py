@@ -85,6 +85,15 @@ def test_gradients_reach_the_lora_parameters_only():
     assert all("lora_" in n for n, p in family.denoiser.named_parameters() if p.requires_grad)
 
 
+def test_full_finetune_trains_the_denoiser_against_its_frozen_copy():
+    family = build_family("sd")
+    params = family.enable_full_finetune()
+    _, metrics, grads = step_grads(family, params, AlignPropConfig(kl_weight=1.0), Sampler(2, 3.0, 0.0, 32))
+    assert metrics["drift"].item() == 0.0  # the policy equals its frozen reference copy before any update
+    assert sum(g is not None and g.abs().sum() > 0 for g in grads) > 0.9 * len(params)
+    assert all(p.grad is None for p in family.vae.parameters())
+
+
 def test_with_last_k_a_parameter_used_only_before_the_cut_gets_no_gradient():
     """A hook adds p_i - p_i.detach() (zero, but differentiable) to the denoiser's output at sampling step i: only the
     last K steps' p_i may receive a gradient."""

@@ -103,6 +103,20 @@ class DataConfig:
 
 
 @dataclass
+class PromptConfig:
+    """Training prompts (methods that sample from prompts, e.g. AlignProp): a file, a list here, or the toy world's."""
+
+    source: str = ""
+    """A prompt file (.txt one per line, .jsonl, .csv) or 'toy:train' (the toy world's training prompts)."""
+    prompts: list[str] = field(default_factory=list)
+    """The prompts themselves, instead of `source`."""
+    column: str = "prompt"
+    """The prompt field of a .jsonl file or column of a .csv file."""
+    shuffle: bool = True
+    """A new seeded order every epoch (off: file order)."""
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
@@ -139,6 +153,11 @@ class ValidationConfig:
     num_steps: int | None = bounded(None, ge=1)
     guidance_scale: float | None = bounded(None, ge=0)
     seed: int = 1234
+    best_by: str | None = None
+    """A validation metric, higher is better (e.g. val/heldout, val/heldout/all_correct): the trainable weights at its
+    best value (the model before training included) are kept in output_dir/best."""
+    early_stop: int = bounded(0, ge=0)
+    """Stop training when `best_by` has fallen for this many validations in a row (0 = never)."""
 
 
 @dataclass

@@ -3,9 +3,13 @@
     python scripts/bench.py score     # `diffalign score` end to end vs the bare reward forward (target ratio >= 0.8)
     python scripts/bench.py dpo       # DPO step time vs the bare work (scripts/bench_dpo.py)
     python scripts/bench.py inpo      # InPO step vs a DPO step + the bare inversion forwards (scripts/bench_inpo.py)
+    python scripts/bench.py alignprop # AlignProp memory vs sampling steps, time vs the bare work (bench_alignprop.py)
+    python scripts/bench.py reno      # ReNO iteration vs the bare generator + reward forward/backward (bench_reno.py)
+    python scripts/bench.py rlg       # RLG sampling time vs plain CFG sampling (scripts/bench_rlg.py, target <= 2.10)
     python scripts/bench.py all       # every bench, in order
 
-Add a bench: write a function printing its figures and register it in BENCHES.
+Add a bench: write a function printing its figures and register it in BENCHES, or a scripts/bench_<name>.py with a
+main() and add its name to METHOD_BENCHES.
 """
 
 from __future__ import annotations
@@ -140,25 +144,24 @@ def bench_score() -> None:
     print(f"  CLI wall time incl. start-up and model load: {cli_seconds:.1f} s for {SCORE_IMAGES} images")
 
 
-# --------------------------------------------------------------------------------------------------------- dpo
-def bench_dpo() -> None:
-    """The DPO step benchmark of scripts/bench_dpo.py."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_dpo
-
-    bench_dpo.main()
+# ----------------------------------------------------------------------------------------------------- methods
+METHOD_BENCHES = ("dpo", "inpo", "alignprop", "reno", "rlg")
+"""Benches in their own scripts/bench_<name>.py (each with a main() printing its figures)."""
 
 
-# -------------------------------------------------------------------------------------------------------- inpo
-def bench_inpo() -> None:
-    """The InPO step benchmark of scripts/bench_inpo.py (vs a DPO step and the bare inversion forwards)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_inpo
+def method_bench(name: str) -> Callable[[], None]:
+    """The main() of scripts/bench_<name>.py, imported when it runs."""
 
-    bench_inpo.main()
+    def run() -> None:
+        import importlib
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        importlib.import_module(f"bench_{name}").main()
+
+    return run
 
 
-BENCHES: dict[str, Callable[[], None]] = {"score": bench_score, "dpo": bench_dpo, "inpo": bench_inpo}
+BENCHES: dict[str, Callable[[], None]] = {"score": bench_score, **{n: method_bench(n) for n in METHOD_BENCHES}}
 
 
 def main() -> None:

@@ -140,7 +140,8 @@ def main() -> None:
     started = time.perf_counter()
     settings = DemoSettings(
         eval_samples=args.eval_samples, pairs_repeats=args.pairs_repeats, images_per_prompt=args.images_per_prompt,
-        dpo_steps=args.steps, inpo_steps=args.steps, validation_every=100, validation_images=1,
+        dpo_steps=args.steps, inpo_steps=args.steps, alignprop_steps=args.steps, validation_every=100,
+        validation_images=1,
     )  # fmt: skip
     ctx = DemoContext(
         family=load_family("toy"), proxy=load_reward(PROXY), heldout=heldout_prompts(), train=train_prompts(),

@@ -1,5 +1,5 @@
 """What every training run shares (diffalign/train/common.py and loop.py): the output folder is never mixed or
-replaced silently, validation cadence, Ctrl-C says where to resume."""
+replaced silently, validation cadence, Ctrl-C says where to resume, the watched metric (best weights, early stop)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import pytest
 from pairdata import write_parquet
 from test_train_dpo import train_in_process
 
+from diffalign.config import ValidationConfig
 from diffalign.errors import UserError
 from diffalign.train import common
+from diffalign.train.common import BestTracker, check_best_by
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +110,35 @@ def test_ctrl_c_says_where_the_run_resumes_from(pairs, tmp_path):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted: training stopped at step ") and "the last checkpoint is " in last
     assert last.endswith(f"`diffalign train {config} output_dir={out}` resumes it")
+
+
+
+def test_best_tracker_keeps_the_best_and_counts_falls_in_a_row():
+    tracker = BestTracker(metric="val/heldout")
+    values = [0.5, 0.7, 0.6, 0.65, 0.6, 0.55, 0.8]
+    # new best?            yes  yes  no   no    no   no    yes
+    # falls in a row:      0    0    1    0     1    2     0
+    seen = [(tracker.update({"val/heldout": v, "val/reward": 1.0}, i), tracker.falls) for i, v in enumerate(values)]
+    assert seen == [(True, 0), (True, 0), (False, 1), (False, 0), (False, 1), (False, 2), (True, 0)]
+    assert (tracker.best, tracker.best_step) == (0.8, 6)
+    restored = BestTracker(metric="val/heldout")
+    restored.load_state_dict(tracker.state_dict())
+    assert restored == tracker
+    with pytest.raises(UserError, match=r"'val/heldout' is not among the validation metrics \(val/reward\)"):
+        BestTracker(metric="val/heldout").update({"val/reward": 1.0}, 0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"early_stop": 3}, "early_stop needs validation.best_by"),
+        ({"best_by": "loss", "prompts": ["a"], "reward": "toy-clip"}, "'loss' is not a validation metric"),
+        ({"best_by": "val/heldout", "prompts": ["a"], "reward": "toy-clip"}, "needs validation.prompts and "),
+        ({"best_by": "val/reward", "reward": "toy-clip"}, "needs validation.prompts and validation.reward"),
+        ({"best_by": "val/reward", "prompts": ["a"], "reward": "toy-clip", "early_stop": 2}, "every > 0"),
+    ],
+)
+def test_best_by_settings_are_checked_before_training(settings, message):
+    with pytest.raises(UserError, match=message):
+        check_best_by(ValidationConfig(**settings))
+    check_best_by(ValidationConfig(best_by="val/heldout/all_correct", prompts=["a"], heldout_reward="toy-gold"))

@@ -1,5 +1,5 @@
-"""Batches of preference pairs for training: local or hub, streaming or not, cached latents or not, one shard of the
-data per process, resumable from a data position."""
+"""Batch sources of the training loop (`diffalign.train.loop.BatchSource`), one shard of the data per process,
+resumable from a data position: preference pairs (local or hub, streaming or not, cached latents or not) and prompts."""
 
 from __future__ import annotations
 
@@ -85,6 +85,44 @@ class PairBatches:
     def skipped(self, batch: dict[str, Any]) -> int:
         """Undecodable pairs skipped to make `batch`."""
         return int(batch["skipped"])
+
+
+class PromptBatches:
+    """An endless iterator of prompt batches (lists of `batch_size` strings) for this process: a seeded order of
+    `prompts` per epoch (the same on every process), process `rank` of `world` taking every world-th, starting after
+    `position` prompts of its own (the resume point). A batch source of the training loop."""
+
+    unit = "prompts"
+
+    def __init__(
+        self,
+        prompts: list[str],
+        batch_size: int,
+        seed: int,
+        *,
+        position: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        shuffle: bool = True,
+    ):
+        if not prompts:
+            raise ValueError("PromptBatches: no prompts")
+        self.prompts, self.batch_size = list(prompts), batch_size
+        self._keys = iter(EpochSampler(len(self.prompts), seed, rank, world, start=position, shuffle=shuffle))
+
+    def __iter__(self) -> PromptBatches:
+        return self
+
+    def __next__(self) -> list[str]:
+        return [self.prompts[next(self._keys)[1]] for _ in range(self.batch_size)]
+
+    def advance(self, batch: list[str]) -> int:
+        """How far `batch` moved this process's position (one per prompt)."""
+        return len(batch)
+
+    def skipped(self, batch: list[str]) -> int:
+        """Prompts are never skipped."""
+        return 0
 
 
 def pair_model_inputs(family: Family, batch: dict[str, Any]) -> tuple[torch.Tensor, Cond, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Prompt lists: a .txt file (one prompt per line), .jsonl ({"prompt": ...} per line) or .csv (a `prompt` column)."""
+"""Prompt lists: a .txt file (one prompt per line), .jsonl ({"prompt": ...} per line) or .csv (a `prompt` column), a
+list in the config, or the toy world's training prompts."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import csv
 import json
 from pathlib import Path
 
+from diffalign.config import PromptConfig
 from diffalign.errors import UserError
+
+TOY_TRAIN = "toy:train"
+"""`data.source` naming the toy world's training prompts (`diffalign.gym.world.train_prompts`)."""
 
 
 def read_prompts(path: str | Path, column: str = "prompt") -> list[str]:
@@ -35,3 +40,21 @@ def read_prompts(path: str | Path, column: str = "prompt") -> list[str]:
     if not prompts:
         raise UserError(f"{path} holds no prompts")
     return prompts
+
+
+def load_prompts(cfg: PromptConfig) -> list[str]:
+    """The training prompts of a `data:` section: `data.prompts`, the file `data.source`, or the toy world's training
+    prompts (`toy:train`). A missing or empty source is a UserError (checked before any model loads)."""
+    if cfg.source and cfg.prompts:
+        raise UserError("data: give the prompts either as data.source (a file or toy:train) or as data.prompts")
+    if cfg.prompts:
+        return list(cfg.prompts)
+    if cfg.source == TOY_TRAIN:
+        from diffalign.gym.world import train_prompts
+
+        return train_prompts()
+    if not cfg.source:
+        raise UserError(
+            f"data: no training prompts; set data.source (a .txt/.jsonl/.csv file, or {TOY_TRAIN}) or data.prompts"
+        )
+    return read_prompts(cfg.source, cfg.column)

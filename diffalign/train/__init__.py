@@ -20,6 +20,7 @@ from diffalign.errors import UserError
 METHODS: dict[str, str] = {
     "dpo": "diffalign.train.dpo",
     "inpo": "diffalign.train.inpo",
+    "alignprop": "diffalign.train.alignprop",
 }
 """`method:` -> the module holding its `Config` class and `train(cfg)` function."""
 

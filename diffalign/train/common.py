@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffalign.config import LoraConfig, OptimConfig, TrainConfig, save_config, to_dict
+from diffalign.config import LoraConfig, OptimConfig, TrainConfig, ValidationConfig, save_config, to_dict
 from diffalign.errors import UserError
 from diffalign.models import Family, load_family
 
@@ -183,12 +183,34 @@ def load_model(cfg: TrainConfig, accelerator) -> tuple[Family, list[torch.nn.Par
 
 
 def check_rewards(cfg: TrainConfig) -> None:
-    """Parse the validation reward specs (a bad one is a UserError before any model loads)."""
+    """Parse the validation reward specs and check `best_by` / `early_stop` against them (a bad one is a UserError
+    before any model loads)."""
     from diffalign.rewards import parse_spec
 
     for spec in (cfg.validation.reward, cfg.validation.heldout_reward):
         if spec:
             parse_spec(spec)
+    check_best_by(cfg.validation)
+
+
+def check_best_by(validation: ValidationConfig) -> None:
+    """`best_by` names a metric the validation logs (val/reward... or val/heldout...), and `early_stop` needs it."""
+    if validation.early_stop and not validation.best_by:
+        raise UserError("validation.early_stop needs validation.best_by (the metric to watch, e.g. val/heldout)")
+    if not validation.best_by:
+        return
+    specs = {"val/reward": validation.reward, "val/heldout": validation.heldout_reward}
+    root = "/".join(validation.best_by.split("/")[:2])
+    if root not in specs:
+        raise UserError(
+            f"validation.best_by: {validation.best_by!r} is not a validation metric; use val/reward or val/heldout "
+            "(or one of their components, e.g. val/heldout/all_correct)"
+        )
+    if not validation.prompts or not specs[root]:
+        key = "reward" if root == "val/reward" else "heldout_reward"
+        raise UserError(f"validation.best_by: {validation.best_by} needs validation.prompts and validation.{key}")
+    if validation.early_stop and validation.every == 0:
+        raise UserError("validation.early_stop needs validation.every > 0 (validation runs only at the end otherwise)")
 
 
 def model_path(cfg: TrainConfig) -> str:
@@ -244,6 +266,38 @@ def effective_lr(cfg: TrainConfig, num_processes: int) -> float:
 
 # ----------------------------------------------------------------------------------------------------- train state
 @dataclass
+class BestTracker:
+    """Watches one validation metric, higher is better (`validation.best_by`, e.g. a held-out reward): its best value
+    and the step it was reached at, and for how many validations in a row it has fallen (`validation.early_stop`)."""
+
+    metric: str | None = None
+    best: float | None = None
+    best_step: int | None = None
+    previous: float | None = None
+    falls: int = 0
+
+    def update(self, metrics: dict[str, float], step: int) -> bool:
+        """Record the validation `metrics` of `step`; True when the watched metric reached a new best."""
+        if self.metric not in metrics:
+            logged = ", ".join(sorted(metrics)) or "none"
+            raise UserError(f"validation.best_by: {self.metric!r} is not among the validation metrics ({logged})")
+        value = float(metrics[self.metric])
+        self.falls = self.falls + 1 if self.previous is not None and value < self.previous else 0
+        self.previous = value
+        if self.best is None or value > self.best:
+            self.best, self.best_step = value, step
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "previous": self.previous, "falls": self.falls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+        self.previous, self.falls = state["previous"], state["falls"]
+
+
+@dataclass
 class TrainState:
     """What a resumed run needs beyond accelerate's state: position in training and in the data, noise RNG."""
 
@@ -255,6 +309,8 @@ class TrainState:
     """Items the batch source skipped (e.g. undecodable pairs)."""
     generator: torch.Generator = field(default_factory=torch.Generator)
     schedule: Any = None
+    best: BestTracker = field(default_factory=BestTracker)
+    """The watched validation metric (main process)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -263,6 +319,7 @@ class TrainState:
             "skipped": self.skipped,
             "generator": self.generator.get_state(),
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "best": self.best.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -271,6 +328,8 @@ class TrainState:
         self.generator.set_state(state["generator"])
         if self.schedule is not None and state["schedule"] is not None:
             self.schedule.load_state_dict(state["schedule"])
+        if "best" in state:  # earlier checkpoints have none
+            self.best.load_state_dict(state["best"])
 
 
 def noise_generator(seed: int, rank: int) -> torch.Generator:
@@ -531,24 +590,65 @@ def optimizer_steps(optimizer: torch.optim.Optimizer) -> int | None:
     return None
 
 
+def save_trainable(family: Family, cfg: TrainConfig, folder: Path, files: dict[str, str] | None = None) -> None:
+    """The LoRA in diffusers format (or the full denoiser) and the text `files` (name -> text) into `folder`,
+    atomically."""
+    from diffalign.io import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        if cfg.lora.enabled:
+            family.save_lora(tmp)
+        else:
+            family.denoiser.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+
+
+BEST_DIR, BEST_MARKER = "best", "diffalign_best.json"
+
+
+def best_record(best: BestTracker) -> dict[str, Any]:
+    """What `diffalign_best.json` and summary.json say of the best weights: metric, value, step."""
+    return {"metric": best.metric, "value": best.best, "step": best.best_step}
+
+
+def save_best(family: Family, cfg: TrainConfig, best: BestTracker) -> Path:
+    """The trainable weights now (a new best of `best.metric`) into output_dir/best, with `diffalign_best.json`
+    (metric, value, step) inside the folder; main process only."""
+    folder = Path(cfg.output_dir) / BEST_DIR
+    save_trainable(family, cfg, folder, {BEST_MARKER: json.dumps(best_record(best))})
+    return folder
+
+
+def agree(accelerator, decision: bool) -> bool:
+    """The main process's `decision`, on every process (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return decision
+    from accelerate.utils import broadcast_object_list
+
+    return bool(broadcast_object_list([decision], from_process=0)[0])
+
+
 def save_final(
-    family: Family, cfg: TrainConfig, accelerator, state: TrainState, optimizer, unit: str = "items"
+    family: Family,
+    cfg: TrainConfig,
+    accelerator,
+    state: TrainState,
+    optimizer,
+    unit: str = "items",
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """The LoRA in diffusers format (or the full denoiser), the resolved config and `summary.json` (steps, skipped
-    `unit` (e.g. pairs), every rank's weight digest), written atomically by the main process."""
+    `unit` (e.g. pairs), every rank's weight digest, plus `extra`), written atomically by the main process."""
     from accelerate.utils import gather_object
 
-    from diffalign.io import atomic_dir, write_text_atomic
+    from diffalign.io import write_text_atomic
 
     digests = gather_object([weights_digest(family.trainable_parameters())])
     skipped = sum(gather_object([state.skipped]))
     final = Path(cfg.output_dir) / ("lora" if cfg.lora.enabled else "denoiser")
     if accelerator.is_main_process:
-        with atomic_dir(final) as tmp:
-            if cfg.lora.enabled:
-                family.save_lora(tmp)
-            else:
-                family.denoiser.save_pretrained(tmp)
+        save_trainable(family, cfg, final)
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         summary = {
             "method": cfg.method,
@@ -558,6 +658,7 @@ def save_final(
             f"skipped_{unit}": skipped,
             "rank_weight_sha256": digests,
             "final": str(final),
+            **(extra or {}),
         }
         write_text_atomic(Path(cfg.output_dir) / "summary.json", json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()

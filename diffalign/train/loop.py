@@ -4,7 +4,9 @@ A recipe supplies what differs between methods: a batch source (pairs for DPO/In
 its resumable position, and a step function `step(batch, generator) -> (loss, metrics)` (the generator is the
 process's training-noise RNG, saved in every checkpoint). Everything else exists only here: the optimizer and lr
 schedule, gradient accumulation, clipping only on sync steps, `reduce_mean` of the metrics on every rank, the NaN/inf
-stop before backward, logging, validation, atomic checkpoints with bit-exact resume, and the final save.
+stop before backward, logging, validation (with `validation.best_by`: the best weights kept in output_dir/best and,
+with `validation.early_stop`, a stop when the metric falls that many validations in a row), atomic checkpoints with
+bit-exact resume, and the final save.
 """
 
 from __future__ import annotations
@@ -67,54 +69,73 @@ def fit(
     batches = make_batches(state.data_position)
     runlog = common.RunLog(accelerator, cfg)
     validator = common.Validator(cfg, family)
-    if state.step == 0 and validator.due(0, last=False) and accelerator.is_main_process:
-        runlog.log(validator.run(0), step=0)
+    state.best.metric = cfg.validation.best_by
+
+    def validate() -> bool:
+        """Validate on the main process, keep the best weights; whether to stop early (the same on every process)."""
+        stop = False
+        if accelerator.is_main_process:
+            metrics = validator.run(state.step)
+            runlog.log(metrics, step=state.step)
+            if cfg.validation.best_by and state.best.update(metrics, state.step):
+                common.save_best(family, cfg, state.best)
+            stop = 0 < cfg.validation.early_stop <= state.best.falls
+        return common.agree(accelerator, stop) if cfg.validation.early_stop else stop
+
+    if state.step == 0 and validator.due(0, last=False):
+        validate()
 
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.method, disable=not accelerator.is_local_main_process)
+
+    def run_steps() -> bool:
+        """Optimizer steps until max_steps; whether validation stopped the run early."""
+        with family.calling(model):
+            while state.step < cfg.max_steps:
+                batch = next(batches)
+                state.data_position += batches.advance(batch)
+                state.skipped += batches.skipped(batch)
+                with accelerator.accumulate(model), accelerator.autocast():
+                    loss, metrics = step(batch, state.generator)
+                    values = common.reduce_mean(accelerator, {"loss": loss, **metrics})
+                    common.check_finite(values["loss"], state.step, cfg.output_dir)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                state.schedule.step()
+                state.step += 1
+                last = state.step == cfg.max_steps
+                bar.update(1)
+                shown = {"loss": f"{values['loss']:.4f}"}
+                if bar_metric is not None:
+                    shown[bar_metric] = f"{values[bar_metric]:.2f}"
+                bar.set_postfix(shown)
+                if state.step % cfg.log_every == 0 or last:
+                    skipped = {f"skipped_{batches.unit}": state.skipped}
+                    runlog.log({**values, "lr": state.schedule.get_last_lr()[0], **skipped}, step=state.step)
+                stop = validate() if validator.due(state.step, last) else False
+                if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
+                    common.save_checkpoint(accelerator, cfg.output_dir, state, cfg.checkpoints_keep)
+                if stop:
+                    return True
+        return False
+
     try:
-        _train_steps(cfg, accelerator, family, params, model, optimizer, state, batches, step, runlog, validator, bar,
-                     bar_metric)  # fmt: skip
+        stopped_early = run_steps()
     except KeyboardInterrupt:
         bar.close()
         raise TrainingInterrupted(common.stopped_at(state.step, cfg.output_dir)) from None
     bar.close()
-    final = common.save_final(family, cfg, accelerator, state, optimizer, unit=batches.unit)
+    if stopped_early:
+        accelerator.print(
+            f"early stop at step {state.step}: {cfg.validation.best_by} fell {state.best.falls} validations in a row"
+        )
+    extra = {}
+    if cfg.validation.best_by:
+        extra = {"best": common.best_record(state.best), "stopped_early": stopped_early}
+    final = common.save_final(family, cfg, accelerator, state, optimizer, unit=batches.unit, extra=extra)
     runlog.close()
     return final
-
-
-def _train_steps(
-    cfg, accelerator, family, params, model, optimizer, state, batches, step, runlog, validator, bar, bar_metric
-) -> None:
-    """The loop of `fit` (its arguments are fit's locals)."""
-    with family.calling(model):
-        while state.step < cfg.max_steps:
-            batch = next(batches)
-            state.data_position += batches.advance(batch)
-            state.skipped += batches.skipped(batch)
-            with accelerator.accumulate(model), accelerator.autocast():
-                loss, metrics = step(batch, state.generator)
-                values = common.reduce_mean(accelerator, {"loss": loss, **metrics})
-                common.check_finite(values["loss"], state.step, cfg.output_dir)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            state.schedule.step()
-            state.step += 1
-            last = state.step == cfg.max_steps
-            bar.update(1)
-            shown = {"loss": f"{values['loss']:.4f}"}
-            if bar_metric is not None:
-                shown[bar_metric] = f"{values[bar_metric]:.2f}"
-            bar.set_postfix(shown)
-            if state.step % cfg.log_every == 0 or last:
-                skipped = {f"skipped_{batches.unit}": state.skipped}
-                runlog.log({**values, "lr": state.schedule.get_last_lr()[0], **skipped}, step=state.step)
-            if validator.due(state.step, last) and accelerator.is_main_process:
-                runlog.log(validator.run(state.step), step=state.step)
-            if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
-                common.save_checkpoint(accelerator, cfg.output_dir, state, cfg.checkpoints_keep)

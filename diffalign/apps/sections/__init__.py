@@ -19,6 +19,7 @@ class Section:
 SECTIONS: dict[str, Section] = {
     "dpo": Section("Diffusion-DPO", "diffalign.apps.sections.dpo:dpo_section"),
     "inpo": Section("DDIM-InPO", "diffalign.apps.sections.inpo:inpo_section"),
+    "alignprop": Section("AlignProp", "diffalign.apps.sections.alignprop:alignprop_section"),
 }
 
 

@@ -105,7 +105,6 @@ def optimise_share(
     from diffalign.models import load_family
 
     family = load_family(model, dtype=settings["dtype"], device=device)
-    family.freeze()
     texts = [prompts[i] for i in share]
     total = -(-len(share) // batch_size) * settings["iters"] if share else 0
     with progress_bar(total, progress and sys.stderr.isatty(), label="ReNO iterations") as advance:

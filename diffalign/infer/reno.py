@@ -67,19 +67,34 @@ class RenoResult:
     """The start continued after the multi-start phase (0 with one start)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """One record per prompt, iteration and start: prompt (index), iteration, start, reward (weighted), rewards
-    ({component: unweighted value}), regulariser K(z), grad_norm (before clipping), noise_norm."""
+    ({component: unweighted value}), regulariser K(z), grad_norm (before clipping), noise_norm, and with a
+    `monitor` reward its components under monitor."""
     settings: dict[str, Any] = field(default_factory=dict)
 
     def curve(self, key: str = "reward") -> Tensor:
-        """[iterations, B]: `key` ("reward", "regulariser", "grad_norm", "noise_norm" or a reward component) along
-        the trajectory each prompt followed (its continued start)."""
+        """[iterations, B]: `key` ("reward", "regulariser", "grad_norm", "noise_norm", a reward component or a
+        monitor component) along the trajectory each prompt followed (its continued start)."""
         iterations = 1 + max(r["iteration"] for r in self.history)
         out = torch.full((iterations, len(self.prompts)), float("nan"))
         for record in self.history:
             if record["start"] == self.followed_start[record["prompt"]]:
-                value = record["rewards"][key] if key in record["rewards"] else record[key]
+                value = {**record, **record.get("monitor", {}), **record["rewards"]}[key]
                 out[record["iteration"], record["prompt"]] = value
         return out
+
+    def kept_curve(self, key: str = "reward") -> Tensor:
+        """[iterations, B]: `key` of the image kept so far (the best reward up to each iteration) along the followed
+        trajectory; its last row is the value for `images` when the best image lies on that trajectory."""
+        rewards, values = self.curve("reward"), self.curve(key)
+        kept = torch.empty_like(values)
+        best = torch.full((values.shape[1],), -math.inf)
+        current = torch.full((values.shape[1],), float("nan"))
+        for i in range(values.shape[0]):
+            better = rewards[i] > best
+            best = torch.where(better, rewards[i], best)
+            current = torch.where(better, values[i], current)
+            kept[i] = current
+        return kept
 
 
 def resolve_reward(reward: str | Reward, family: Family) -> Reward:
@@ -196,6 +211,7 @@ def reno(
     start_fraction: float = 0.5,
     checkpoint: bool | None = None,
     batch_size: int | None = None,
+    monitor: Reward | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> RenoResult:
     """Optimise the initial noise of `family` for each prompt (see the module docstring); returns a RenoResult.
@@ -205,13 +221,16 @@ def reno(
     reward `RENO_REWARD`. `seeds[b]` seeds prompt b's initial noise (default: 0, 1, ...), as `sample_images` does, so
     `initial_images` are the family sampler's images for those seeds. `checkpoint` (default: when num_steps > 1)
     recomputes each sampling step in the backward pass instead of storing it. `batch_size` prompts are optimised
-    together (default: all). `on_progress(n)` is called after each iteration with the iterations of budget done."""
+    together (default: all); the family is frozen (eval mode, no weight gradients). `monitor`: a reward
+    (differentiable or not, e.g. toy-gold) scored on every iterate without gradient and logged in the history, never
+    optimised. `on_progress(n)` is called after each iteration with the iterations of budget done."""
     prompts = list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != len(prompts):
         raise ValueError("reno: one seed per prompt")
     check_settings(iters, lr, num_steps, starts, start_fraction, optimizer)
     reward_module = resolve_reward(reward, family)
+    family.freeze()  # only the noise is optimised: no weight needs a gradient
     settings = {
         "iters": iters, "lr": lr, "num_steps": num_steps, "guidance_scale": guidance_scale, "reg_weight": reg_weight,
         "grad_clip": grad_clip, "momentum": momentum, "optimizer": optimizer, "starts": starts,
@@ -223,7 +242,7 @@ def reno(
         parts.append(
             _optimise(
                 family, prompts[begin : begin + step], seeds[begin : begin + step], reward_module, settings,
-                negative_prompt, num_steps > 1 if checkpoint is None else checkpoint, on_progress, offset=begin,
+                negative_prompt, num_steps > 1 if checkpoint is None else checkpoint, monitor, on_progress, begin,
             )
         )  # fmt: skip
     return _merge(parts, prompts, seeds, settings)
@@ -255,6 +274,7 @@ def _optimise(
     settings: dict,
     negative_prompt: str | None,
     checkpoint: bool,
+    monitor: Reward | None,
     on_progress: Callable[[int], None] | None,
     offset: int,
 ) -> RenoResult:
@@ -300,6 +320,11 @@ def _optimise(
         grad_norms = clip_grad_rows_(noise.grad, settings["grad_clip"])
         values = {name: value.detach().float().cpu().tolist() for name, value in components.items()}
         regulariser = loss.regulariser.detach().cpu().tolist()
+        watched = {}
+        if monitor is not None:
+            with torch.no_grad():
+                parts = monitor.components(images.detach(), rows_prompts)
+            watched = {name: value.float().cpu().tolist() for name, value in parts.items()}
         noise_norms = torch.linalg.vector_norm(noise.detach().float().flatten(1), dim=1).cpu().tolist()
         for row, b in enumerate(prompt_of_row):
             history.append({
@@ -307,6 +332,7 @@ def _optimise(
                 "reward": float(weighted[row]), "rewards": {k: v[row] for k, v in values.items()},
                 "regulariser": regulariser[row], "grad_norm": float(grad_norms[row]),
                 "noise_norm": noise_norms[row],
+                **({"monitor": {k: v[row] for k, v in watched.items()}} if watched else {}),
             })  # fmt: skip
         opt.step()
 

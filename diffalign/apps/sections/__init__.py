@@ -18,6 +18,7 @@ class Section:
 
 SECTIONS: dict[str, Section] = {
     "dpo": Section("Diffusion-DPO", "diffalign.apps.sections.dpo:dpo_section"),
+    "reno": Section("ReNO", "diffalign.apps.sections.reno:reno_section"),
 }
 
 

@@ -140,6 +140,10 @@ def reno(
     optimizer: Annotated[str, typer.Option(help="sgd (Nesterov momentum 0.9, the paper's) or adam.")] = "sgd",
     reg_weight: Annotated[float, typer.Option(help="Weight of the noise-norm regulariser (the paper's 0.01).")] = 0.01,
     grad_clip: Annotated[float, typer.Option(help="Clip the noise gradient to this norm (the paper's 0.1).")] = 0.1,
+    checkpoint: Annotated[
+        bool | None,
+        typer.Option("--checkpoint/--no-checkpoint", help="Recompute each step in backward (default: if steps > 1)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Prompt i starts from the noise of seed + i.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts optimised together.")] = 8,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: this process's GPU or CPU).")] = None,
@@ -161,7 +165,7 @@ def reno(
     summary = run_reno(
         model, texts, out, reward=reward, iters=iters, lr=lr, num_steps=steps, guidance_scale=guidance_scale,
         starts=starts, start_fraction=start_fraction, optimizer=optimizer, reg_weight=reg_weight, grad_clip=grad_clip,
-        seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+        checkpoint=checkpoint, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
     )  # fmt: skip
     if summary is not None:
         typer.echo(f"wrote {2 * len(texts)} images and history.jsonl to {out}")

@@ -2,6 +2,7 @@
 
     python scripts/bench.py score     # `diffalign score` end to end vs the bare reward forward (target ratio >= 0.8)
     python scripts/bench.py dpo       # DPO step time vs the bare work (scripts/bench_dpo.py)
+    python scripts/bench.py reno      # ReNO iteration time vs the bare work, peak memory, images/min (bench_reno.py)
     python scripts/bench.py all       # every bench, in order
 
 Add a bench: write a function printing its figures and register it in BENCHES.
@@ -139,6 +140,15 @@ def bench_score() -> None:
     print(f"  CLI wall time incl. start-up and model load: {cli_seconds:.1f} s for {SCORE_IMAGES} images")
 
 
+# -------------------------------------------------------------------------------------------------------- reno
+def bench_reno() -> None:
+    """The ReNO iteration benchmark of scripts/bench_reno.py."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_reno
+
+    bench_reno.main()
+
+
 # --------------------------------------------------------------------------------------------------------- dpo
 def bench_dpo() -> None:
     """The DPO step benchmark of scripts/bench_dpo.py."""
@@ -148,7 +158,7 @@ def bench_dpo() -> None:
     bench_dpo.main()
 
 
-BENCHES: dict[str, Callable[[], None]] = {"score": bench_score, "dpo": bench_dpo}
+BENCHES: dict[str, Callable[[], None]] = {"score": bench_score, "dpo": bench_dpo, "reno": bench_reno}
 
 
 def main() -> None:

@@ -53,6 +53,7 @@ def run_reno(
     optimizer: str = "sgd",
     reg_weight: float = 0.01,
     grad_clip: float = 0.1,
+    checkpoint: bool | None = None,
     seed: int = 0,
     batch_size: int = 8,
     device: str | None = None,
@@ -81,7 +82,7 @@ def run_reno(
     settings = {
         "model": model, "reward": reward, "iters": iters, "lr": lr, "num_steps": num_steps,
         "guidance_scale": guidance_scale, "starts": starts, "start_fraction": start_fraction, "optimizer": optimizer,
-        "reg_weight": reg_weight, "grad_clip": grad_clip, "seed": seed, "dtype": dtype,
+        "reg_weight": reg_weight, "grad_clip": grad_clip, "checkpoint": checkpoint, "seed": seed, "dtype": dtype,
     }  # fmt: skip
     if info.world > 1:
         print(f"rank {info.rank}/{info.world}: {len(share)} prompts", file=sys.stderr)
@@ -112,8 +113,8 @@ def optimise_share(
             family, texts, settings["reward"], seeds=[settings["seed"] + i for i in share], iters=settings["iters"],
             lr=settings["lr"], num_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
             reg_weight=settings["reg_weight"], grad_clip=settings["grad_clip"], optimizer=settings["optimizer"],
-            starts=settings["starts"], start_fraction=settings["start_fraction"], batch_size=batch_size,
-            on_progress=advance,
+            starts=settings["starts"], start_fraction=settings["start_fraction"], checkpoint=settings["checkpoint"],
+            batch_size=batch_size, on_progress=advance,
         ) if share else None  # fmt: skip
     if result is None:
         return {"indices": [], "history": []}

@@ -120,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    family, proxy, gold = load_family("toy"), load_reward("toy-clip"), load_reward("toy-gold")
+    family, proxy, monitor = load_family("toy"), load_reward("toy-clip"), load_reward("toy-gold")
     heldout = heldout_prompts()
     prompts = heldout * args.seeds  # seed k covers every prompt once: images k*9 .. k*9+8
     seeds = image_seeds(EVAL_SEED, len(prompts))
@@ -130,7 +130,7 @@ def main() -> None:
         result = reno(
             family, prompts, proxy, seeds=seeds, iters=args.iters, lr=args.lr, num_steps=args.steps,
             guidance_scale=args.guidance, starts=starts, start_fraction=args.start_fraction, checkpoint=False,
-            batch_size=args.batch_size, monitor=gold,
+            batch_size=args.batch_size, monitor=monitor,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         before = measured(result.initial_images, prompts, proxy)

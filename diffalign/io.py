@@ -36,13 +36,8 @@ def atomic_dir(path: str | Path, marker: str | None = None) -> Iterator[Path]:
     With `marker`, an existing `path` is replaced only if it is an empty folder or holds that file (i.e. it was
     written by the same command): anything else is refused up front, so `--out .` never deletes a user's folder."""
     path = Path(path)
-    if marker is not None and path.exists():
-        ours = path.is_dir() and (not any(path.iterdir()) or (path / marker).is_file())
-        if not ours:
-            raise UserError(
-                f"{path} exists and is not a folder this command wrote (no {marker}); it would be replaced: "
-                "choose a new path or remove it"
-            )
+    if marker is not None:
+        check_replaceable(path, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -53,6 +48,17 @@ def atomic_dir(path: str | Path, marker: str | None = None) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_replaceable(path: str | Path, marker: str) -> None:
+    """A UserError unless `path` is absent, an empty folder or a folder holding `marker` (one a command wrote), so a
+    command can refuse an output folder before its work rather than after it."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / marker).is_file())):
+        raise UserError(
+            f"{path} exists and is not a folder this command wrote (no {marker}); it would be replaced: "
+            "choose a new path or remove it"
+        )
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -106,12 +106,16 @@ def test_reno_cli_input_errors_are_one_line_with_exit_2(args, message, broken_mo
         ({"starts": 8, "iters": 10}, "raise --iters or lower --starts"),
         ({"lr": 0.0}, "learning rate must be positive"),
         ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
+        ({"out": "precious"}, "precious exists and is not a folder this command wrote"),
     ],
 )
 def test_reno_settings_are_checked_before_the_model_loads(settings, message, broken_model, tmp_path):
     from diffalign.apps.reno import run_reno
     from diffalign.errors import UserError
 
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    settings = {"reward": "toy-clip", "out": tmp_path / "out", **settings}
     with pytest.raises(UserError, match=message):
-        run_reno(broken_model, ["x"], tmp_path / "out", **{"reward": "toy-clip", **settings})
-    assert not (tmp_path / "out").exists()
+        run_reno(broken_model, ["x"], tmp_path / settings.pop("out"), **settings)
+    assert not (tmp_path / "out").exists() and (tmp_path / "precious" / "notes.txt").is_file()

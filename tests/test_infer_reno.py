@@ -140,3 +140,19 @@ def test_non_differentiable_rewards_and_bad_settings_are_refused(turbo):
         reno(turbo, PROMPTS[:1], ToyGoldReward())
     with pytest.raises(UserError, match="unknown optimizer"):
         reno(turbo, PROMPTS[:1], Probe(), optimizer="lbfgs")
+
+
+def test_default_reward_is_the_papers_mix_and_the_toy_uses_its_proxy():
+    from diffalign.apps.reno import reno_defaults
+    from diffalign.infer.reno import RENO_REWARD
+    from diffalign.rewards import parse_differentiable_spec
+
+    terms = {t.cls.name: (t.weight, t.options) for t in parse_differentiable_spec(RENO_REWARD, "reno")}
+    assert terms == {
+        "hpsv2": (5.0, {}),
+        "imagereward": (1.0, {}),
+        "clip": (0.01, {"model": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}),
+        "pickscore": (0.05, {}),
+    }
+    assert reno_defaults("stabilityai/sd-turbo") == {"reward": RENO_REWARD, "num_steps": 1, "guidance_scale": 1.0}
+    assert reno_defaults("toy") == {"reward": "toy-clip", "num_steps": 4, "guidance_scale": 4.5}

@@ -63,7 +63,7 @@ def run_reno(
     """`diffalign reno` (see the module docstring). Every input is checked before the model loads. Returns the
     summary on the main process (None on the others)."""
     from diffalign.infer.reno import check_settings
-    from diffalign.io import atomic_dir
+    from diffalign.io import atomic_dir, check_replaceable
     from diffalign.processes import gather_to_all, process_info
     from diffalign.rewards import parse_differentiable_spec
 
@@ -76,6 +76,7 @@ def run_reno(
     if not prompts:
         raise UserError("give at least one --prompt or a --prompts file")
     out = Path(out)
+    check_replaceable(out, MARKER)
     info = process_info()
     dtype = dtype or ("float16" if str(device or info.device).startswith("cuda") else "float32")
     share = list(range(info.rank, len(prompts), info.world))

@@ -226,8 +226,8 @@ def reno(
     optimised. `on_progress(n)` is called after each iteration with the iterations of budget done."""
     prompts = list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
-    if len(seeds) != len(prompts):
-        raise ValueError("reno: one seed per prompt")
+    if not prompts or len(seeds) != len(prompts):
+        raise ValueError("reno: give at least one prompt, and one seed per prompt")
     check_settings(iters, lr, num_steps, starts, start_fraction, optimizer)
     reward_module = resolve_reward(reward, family)
     family.freeze()  # only the noise is optimised: no weight needs a gradient

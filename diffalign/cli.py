@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from diffalign.errors import NotImplementedYet, UserError
+from diffalign.errors import UserError
 
 app = typer.Typer(
     name="diffalign",
@@ -142,9 +142,62 @@ def generate(
 
 # -------------------------------------------------------------------------------------------------------------- reno
 @app.command()
-def reno() -> None:
-    """ReNO: reward-based initial-noise optimisation for one/few-step models (not implemented yet)."""
-    raise NotImplementedYet("`diffalign reno` is not implemented yet (a later issue adds ReNO)")
+def reno(
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt file: .txt (one per line), .jsonl or .csv.")] = None,
+    model: ModelOpt = "toy",
+    reward: Annotated[
+        str | None,
+        typer.Option(
+            "--reward",
+            "-r",
+            help="Differentiable reward spec (default: the paper's hpsv2=5,imagereward=1,clip=0.01,"
+            "pickscore=0.05; toy-clip on --model toy).",
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced).")] = Path("runs/reno"),
+    iters: Annotated[int, typer.Option(min=1, help="Optimisation iterations per prompt (the paper's 50).")] = 50,
+    lr: Annotated[float, typer.Option(help="Learning rate (SGD, the paper's 5.0).")] = 5.0,
+    steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (default 1; the toy: 4).")] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option("--guidance-scale", "-g", help="CFG scale (default 1 = none; the toy: 4.5).")
+    ] = None,
+    starts: Annotated[
+        int, typer.Option(min=1, help="Initial noises per prompt sharing the first part of the budget (1 = paper).")
+    ] = 1,
+    start_fraction: Annotated[float, typer.Option(help="Fraction of --iters the starts share.")] = 0.5,
+    optimizer: Annotated[str, typer.Option(help="sgd (Nesterov momentum 0.9, the paper's) or adam.")] = "sgd",
+    reg_weight: Annotated[float, typer.Option(help="Weight of the noise-norm regulariser (the paper's 0.01).")] = 0.01,
+    grad_clip: Annotated[float, typer.Option(help="Clip the noise gradient to this norm (the paper's 0.1).")] = 0.1,
+    checkpoint: Annotated[
+        bool | None,
+        typer.Option("--checkpoint/--no-checkpoint", help="Recompute each step in backward (default: if steps > 1)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Prompt i starts from the noise of seed + i.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts optimised together.")] = 8,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: this process's GPU or CPU).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Generator dtype (default: float16 on GPU, else float32).")] = None,
+) -> None:
+    """ReNO: optimise the initial noise of a one/few-step model (SD-Turbo, SDXL-Turbo, FLUX.1-schnell) against a
+    differentiable reward, per prompt. Writes the initial and the optimised images (with sidecar prompts for `diffalign
+    score`), history.jsonl and summary.json. Under `accelerate launch -m diffalign reno` the prompts are split."""
+    from diffalign.data.prompts import read_prompts
+
+    texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])
+    if not texts:
+        raise UserError("give at least one --prompt or a --prompts file")
+    from diffalign.hub import resolve_model
+
+    resolve_model(model)
+    from diffalign.apps.reno import run_reno
+
+    summary = run_reno(
+        model, texts, out, reward=reward, iters=iters, lr=lr, num_steps=steps, guidance_scale=guidance_scale,
+        starts=starts, start_fraction=start_fraction, optimizer=optimizer, reg_weight=reg_weight, grad_clip=grad_clip,
+        checkpoint=checkpoint, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+    )  # fmt: skip
+    if summary is not None:
+        typer.echo(f"wrote {2 * len(texts)} images and history.jsonl to {out}")
 
 
 # ------------------------------------------------------------------------------------------------------------- score

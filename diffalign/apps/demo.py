@@ -41,18 +41,22 @@ class DemoSettings:
     """Validation images per held-out prompt during training (the curves)."""
     alignprop_steps: int = 2
     """AlignProp optimizer steps (FULL and QUICK set it; the small default serves settings made elsewhere)."""
+    reno_samples: int = 9
+    """ReNO: held-out images optimised (cycling over the held-out prompts, the first evaluation seeds)."""
+    reno_iters: int = 3
+    """ReNO: optimisation iterations per image (the paper's 50). The defaults are a smoke-sized run."""
 
 
 FULL = DemoSettings(
     eval_samples=512, pairs_repeats=24, images_per_prompt=8, dpo_steps=300, inpo_steps=300, validation_every=50,
-    validation_images=8, alignprop_steps=200,
+    validation_images=8, alignprop_steps=200, reno_samples=54, reno_iters=50,
 )  # fmt: skip
 # Quick: more pairs from fewer images per prompt (528 pairs, best of 4) beat fewer, wider pairs (264, best of 6):
 # with 100 steps the first gave +3.1 +- 1.5 points (paired SE), the second +0.0; 200 steps give +7.8 +- 2.1.
 # AlignProp quick: 30 steps of 8 prompts at 10 sampling steps (about a minute on an idle 2-core machine).
 QUICK = DemoSettings(
     eval_samples=192, pairs_repeats=16, images_per_prompt=4, dpo_steps=200, inpo_steps=200, validation_every=50,
-    validation_images=4, alignprop_steps=30,
+    validation_images=4, alignprop_steps=30, reno_samples=18, reno_iters=20,
 )  # fmt: skip
 
 
@@ -125,6 +129,13 @@ class SectionResult:
     facts: dict[str, Any] = field(default_factory=dict)
     """JSON-able numbers for metrics.json (e.g. how many pairs)."""
     html: list[str] = field(default_factory=list)
+    before: dict[str, Any] | None = None
+    """The section's own before-measurement when it is not the shared base (e.g. ReNO: its few-step images of the
+    same seeds without ReNO); None: `DemoContext.base`."""
+
+    def baseline(self, ctx: DemoContext) -> dict[str, Any]:
+        """What the section's after-measurement is compared with (paired, same prompts and seeds)."""
+        return ctx.base if self.before is None else self.before
 
 
 def toy_config(name: str) -> Path:
@@ -212,8 +223,9 @@ def demo_metrics(
             "optimises": result.optimises,
             **result.facts,
             "curves": result.curves,
+            **({} if result.before is None else {"before": strip(result.before)}),
             "after": strip(result.after),
-            "gain": paired_gain(ctx.base, result.after),
+            "gain": paired_gain(result.baseline(ctx), result.after),
             "seconds": round(result.seconds, 1),
         }
     metrics["seconds"] = round(seconds, 1)
@@ -350,7 +362,9 @@ def render_report(ctx: DemoContext, results: list[SectionResult], metrics: dict[
         body += [
             f"<h2>{result.title}</h2>",
             *result.html,
-            report.table(ATTRIBUTE_HEADERS, [result_row("base", base), result_row(result.title, after)]),
+            report.table(
+                ATTRIBUTE_HEADERS, [result_row("base", result.baseline(ctx)), result_row(result.title, after)]
+            ),
             f"<p class='prompt'>After {result.title} (same seeds as the base samples above)</p>",
             report.sample_gallery(after["images"], after["prompts"], after["gold"].tolist(), after["proxy"].tolist()),
         ]

@@ -284,10 +284,11 @@ def finish(result: ScoreResult, spec: str, out: Path | None) -> None:
 
 
 class progress_bar:  # noqa: N801 - used as a context manager like a function
-    """A rich progress bar on stderr over `total` images; yields `advance(n)`. Disabled: a no-op."""
+    """A rich progress bar on stderr over `total` items (`label`: what is counted); yields `advance(n)`. Disabled: a
+    no-op."""
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total, self.enabled = total, enabled
+    def __init__(self, total: int, enabled: bool = True, label: str = "scoring") -> None:
+        self.total, self.enabled, self.label = total, enabled, label
         self._progress = None
 
     def __enter__(self) -> Callable[[int], None]:
@@ -297,7 +298,7 @@ class progress_bar:  # noqa: N801 - used as a context manager like a function
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._progress = Progress(
-            TextColumn("scoring"),
+            TextColumn(self.label),
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
@@ -305,7 +306,7 @@ class progress_bar:  # noqa: N801 - used as a context manager like a function
             transient=True,
         )
         self._progress.start()
-        task = self._progress.add_task("scoring", total=self.total)
+        task = self._progress.add_task(self.label, total=self.total)
         return lambda n: self._progress.advance(task, n)
 
     def __exit__(self, *exc: object) -> None:

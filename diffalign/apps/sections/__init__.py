@@ -20,6 +20,7 @@ SECTIONS: dict[str, Section] = {
     "dpo": Section("Diffusion-DPO", "diffalign.apps.sections.dpo:dpo_section"),
     "inpo": Section("DDIM-InPO", "diffalign.apps.sections.inpo:inpo_section"),
     "alignprop": Section("AlignProp", "diffalign.apps.sections.alignprop:alignprop_section"),
+    "reno": Section("ReNO", "diffalign.apps.sections.reno:reno_section"),
 }
 
 

@@ -1,0 +1,226 @@
+"""`diffalign reno`: ReNO (reward-based initial-noise optimisation) for a list of prompts, into a folder:
+
+    <out>/initial/00000.png + 00000.txt ... initial.jsonl   the images of the initial noise (the model without ReNO)
+    <out>/reno/00000.png + 00000.txt ...    reno.jsonl      the best image ReNO found per prompt
+    <out>/history.jsonl                                     one line per prompt, iteration (and start): each reward
+                                                            component, the weighted reward, K(z), |grad|, |z|
+    <out>/summary.json                                      settings and per prompt: reward before/after, best iteration
+
+Both image folders carry the sidecar prompt files `diffalign score` reads. Prompt i uses seed + i. Under `accelerate
+launch -m diffalign reno` prompt i goes to process i % world; the main process gathers the results and writes the
+folder (replaced only once complete).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from diffalign.errors import UserError
+
+TOY_MODEL = "toy"
+TOY_DEFAULTS = {"reward": "toy-clip", "num_steps": 4, "guidance_scale": 4.5}
+"""ReNO on `--model toy`: the proxy reward, and 4 DDIM steps with the toy's CFG 4.5 (the toy is a 20-step model, not
+a distilled one: at 1 step its images are blurs at chance gold accuracy; see docs/readme/reno.md)."""
+MARKER = "summary.json"
+
+
+def reno_defaults(model: str) -> dict[str, Any]:
+    """Reward spec, sampling steps and guidance scale ReNO uses for `model` unless given: the toy's own, else the
+    paper's (its reward mix, one step, no CFG: SD-Turbo, SDXL-Turbo and FLUX.1-schnell are distilled for that)."""
+    from diffalign.infer.reno import RENO_REWARD
+
+    if model == TOY_MODEL:
+        return dict(TOY_DEFAULTS)
+    return {"reward": RENO_REWARD, "num_steps": 1, "guidance_scale": 1.0}
+
+
+def run_reno(
+    model: str,
+    prompts: Sequence[str],
+    out: str | Path,
+    *,
+    reward: str | None = None,
+    iters: int = 50,
+    lr: float = 5.0,
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+    starts: int = 1,
+    start_fraction: float = 0.5,
+    optimizer: str = "sgd",
+    reg_weight: float = 0.01,
+    grad_clip: float = 0.1,
+    checkpoint: bool | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """`diffalign reno` (see the module docstring). Every input is checked before the model loads. Returns the
+    summary on the main process (None on the others)."""
+    from diffalign.infer.reno import check_settings
+    from diffalign.io import atomic_dir, check_replaceable
+    from diffalign.processes import gather_to_all, process_info
+    from diffalign.rewards import parse_differentiable_spec
+
+    defaults = reno_defaults(model)
+    reward = reward or defaults["reward"]
+    num_steps = num_steps or defaults["num_steps"]
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    parse_differentiable_spec(reward, "reno --reward")
+    check_settings(iters, lr, num_steps, starts, start_fraction, optimizer)
+    if not prompts:
+        raise UserError("give at least one --prompt or a --prompts file")
+    out = Path(out)
+    check_replaceable(out, MARKER)
+    info = process_info()
+    dtype = dtype or ("float16" if str(device or info.device).startswith("cuda") else "float32")
+    share = list(range(info.rank, len(prompts), info.world))
+    settings = {
+        "model": model, "reward": reward, "iters": iters, "lr": lr, "num_steps": num_steps,
+        "guidance_scale": guidance_scale, "starts": starts, "start_fraction": start_fraction, "optimizer": optimizer,
+        "reg_weight": reg_weight, "grad_clip": grad_clip, "checkpoint": checkpoint, "seed": seed, "dtype": dtype,
+    }  # fmt: skip
+    if info.world > 1:
+        print(f"rank {info.rank}/{info.world}: {len(share)} prompts", file=sys.stderr)
+    part = optimise_share(model, prompts, share, settings, device or info.device, batch_size, progress and info.is_main)
+    parts = gather_to_all(part, info)
+    if not info.is_main:
+        return None
+    merged = merge_shares(parts, len(prompts))
+    with atomic_dir(out, marker=MARKER) as work:
+        summary = write_outputs(work, prompts, merged, settings)
+    print_table(summary)
+    return summary
+
+
+def optimise_share(
+    model: str, prompts: Sequence[str], share: list[int], settings: dict, device: str, batch_size: int, progress: bool
+) -> dict[str, Any]:
+    """Run ReNO on prompts[share]; returns what the main process needs (uint8 images, rewards, history)."""
+    from diffalign.apps.score import progress_bar
+    from diffalign.infer.reno import reno
+    from diffalign.models import load_family
+
+    family = load_family(model, dtype=settings["dtype"], device=device)
+    texts = [prompts[i] for i in share]
+    total = -(-len(share) // batch_size) * settings["iters"] if share else 0
+    with progress_bar(total, progress and sys.stderr.isatty(), label="ReNO iterations") as advance:
+        result = reno(
+            family, texts, settings["reward"], seeds=[settings["seed"] + i for i in share], iters=settings["iters"],
+            lr=settings["lr"], num_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
+            reg_weight=settings["reg_weight"], grad_clip=settings["grad_clip"], optimizer=settings["optimizer"],
+            starts=settings["starts"], start_fraction=settings["start_fraction"], checkpoint=settings["checkpoint"],
+            batch_size=batch_size, on_progress=advance,
+        ) if share else None  # fmt: skip
+    if result is None:
+        return {"indices": [], "history": []}
+    for record in result.history:
+        record["prompt"] = share[record["prompt"]]
+    return {
+        "indices": share,
+        "initial": as_uint8(result.initial_images),
+        "best": as_uint8(result.images),
+        "initial_reward": result.initial_reward,
+        "best_reward": result.best_reward,
+        "best_iteration": result.best_iteration,
+        "best_start": result.best_start,
+        "history": result.history,
+    }
+
+
+def as_uint8(images):
+    """Images in [0, 1] as uint8 (what the PNGs hold; a quarter of the bytes to gather across processes)."""
+    import torch
+
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def merge_shares(parts: list[dict[str, Any]], count: int) -> dict[str, Any]:
+    """The shares of every process in prompt order."""
+    import torch
+
+    position = {}
+    for n, part in enumerate(parts):
+        for k, index in enumerate(part["indices"]):
+            position[index] = (n, k)
+    if sorted(position) != list(range(count)):
+        raise RuntimeError("reno: the processes' shares do not cover every prompt once")
+    order = [position[i] for i in range(count)]
+    merged: dict[str, Any] = {}
+    for key in ("initial", "best"):
+        merged[key] = torch.stack([parts[n][key][k] for n, k in order]).float() / 255
+    for key in ("initial_reward", "best_reward", "best_iteration", "best_start"):
+        merged[key] = [parts[n][key][k] for n, k in order]
+    history = [record for part in parts for record in part["history"]]
+    merged["history"] = sorted(history, key=lambda r: (r["prompt"], r["start"], r["iteration"]))
+    return merged
+
+
+def write_outputs(work: Path, prompts: Sequence[str], merged: dict[str, Any], settings: dict) -> dict[str, Any]:
+    """The two image folders, history.jsonl and summary.json in `work`; returns the summary."""
+    from diffalign.apps.generate import write_images
+    from diffalign.io import write_text_atomic
+
+    seeds = [settings["seed"] + i for i in range(len(prompts))]
+    per_prompt = [
+        {
+            "prompt": prompt,
+            "seed": seeds[i],
+            "reward_before": merged["initial_reward"][i],
+            "reward_after": merged["best_reward"][i],
+            "best_iteration": merged["best_iteration"][i],
+            "best_start": merged["best_start"][i],
+        }
+        for i, prompt in enumerate(prompts)
+    ]
+    common = {
+        "model": settings["model"], "reward_spec": settings["reward"], "num_steps": settings["num_steps"],
+        "guidance_scale": settings["guidance_scale"],
+    }  # fmt: skip
+    initial = [{"seed": s, "reward": r["reward_before"], **common} for s, r in zip(seeds, per_prompt, strict=True)]
+    best = [
+        {"seed": s, "reward": r["reward_after"], "iteration": r["best_iteration"], "start": r["best_start"], **common}
+        for s, r in zip(seeds, per_prompt, strict=True)
+    ]
+    write_images(work / "initial", merged["initial"], prompts, initial, "initial")
+    write_images(work / "reno", merged["best"], prompts, best, "reno")
+    lines = [json.dumps(history_row(record, prompts)) + "\n" for record in merged["history"]]
+    write_text_atomic(work / "history.jsonl", "".join(lines))
+    summary = {"settings": settings, "prompts": per_prompt}
+    write_text_atomic(work / MARKER, json.dumps(summary, indent=2))
+    return summary
+
+
+def history_row(record: dict[str, Any], prompts: Sequence[str]) -> dict[str, Any]:
+    """One line of history.jsonl: prompt_index, prompt, start, iteration, reward (weighted), each reward component
+    (unweighted), regulariser, grad_norm, noise_norm."""
+    index = record["prompt"]
+    head = {"prompt_index": index, "prompt": prompts[index], "start": record["start"], "iteration": record["iteration"]}
+    tail = {k: record[k] for k in ("regulariser", "grad_norm", "noise_norm")}
+    return {**head, "reward": record["reward"], **record["rewards"], **tail}
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    """The before/after table: per prompt the weighted reward of the initial and of the best image."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = summary["prompts"]
+    table = Table(title=f"ReNO with {summary['settings']['reward']}")
+    for column in ("#", "prompt", "reward before", "reward after", "gain", "best iteration"):
+        table.add_column(column, justify="left" if column == "prompt" else "right", overflow="fold")
+    for i, row in enumerate(rows):
+        gain = row["reward_after"] - row["reward_before"]
+        table.add_row(
+            str(i), row["prompt"], f"{row['reward_before']:.4g}", f"{row['reward_after']:.4g}", f"{gain:+.4g}",
+            str(row["best_iteration"]),
+        )  # fmt: skip
+    before = sum(r["reward_before"] for r in rows) / len(rows)
+    after = sum(r["reward_after"] for r in rows) / len(rows)
+    table.add_row("", "mean", f"{before:.4g}", f"{after:.4g}", f"{after - before:+.4g}", "")
+    Console(width=max(120, Console().width)).print(table)

@@ -1,0 +1,116 @@
+"""ReNO iteration-time benchmark (used by `scripts/bench.py reno`).
+
+On the toy model with the toy's ReNO settings (4 DDIM steps, CFG 4.5, toy-clip, the 9 held-out prompts as one batch):
+  bare   the irreducible work of one iteration in plain torch: generator forward+backward (the same sampler and
+         checkpointing) + VAE decode + reward forward+backward, on a noise tensor that requires grad
+  reno   `diffalign.infer.reno.reno(iters=N)`: the same work plus the objective, per-sample clipping, the optimiser
+         step, best-image tracking and the history, timed per iteration (total / N, start-up included)
+Each checkpoint setting (on: the default for more than one step; off) runs in its own process, with bare and reno
+timed in ROUNDS alternating rounds (the fastest counts: noise only adds). Peak memory is the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_dpo import _peak_mb
+
+ITERS, ROUNDS, DEFAULT_ITERS = 6, 3, 50
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def variant(checkpoint: bool) -> dict:
+    """Time bare and ReNO iterations in alternating rounds; returns seconds per iteration and memory."""
+    import torch
+
+    from diffalign.apps.reno import TOY_DEFAULTS
+    from diffalign.gym.world import heldout_prompts
+    from diffalign.infer.reno import reno
+    from diffalign.infer.sample import initial_latents
+    from diffalign.models import load_family
+    from diffalign.rewards import load_reward
+
+    family, reward = load_family("toy"), load_reward("toy-clip")
+    family.freeze()
+    prompts = heldout_prompts()
+    seeds = list(range(len(prompts)))
+    steps, guidance = TOY_DEFAULTS["num_steps"], TOY_DEFAULTS["guidance_scale"]
+    loaded_mb = _rss_mb()
+    cond, uncond = family.encode_prompts(prompts), family.encode_negative()
+
+    def bare(n: int) -> float:
+        noise = initial_latents(family, seeds).requires_grad_(True)
+        started = time.perf_counter()
+        for _ in range(n):
+            noise.grad = None
+            latents = family.sample(
+                cond, uncond, latents=noise, num_steps=steps, guidance_scale=guidance, checkpoint=checkpoint
+            )
+            reward(family.decode(latents), prompts).sum().backward()
+        return (time.perf_counter() - started) / n
+
+    def optimised(n: int) -> float:
+        started = time.perf_counter()
+        reno(family, prompts, reward, seeds=seeds, iters=n, num_steps=steps, guidance_scale=guidance,
+             checkpoint=checkpoint)  # fmt: skip
+        return (time.perf_counter() - started) / n
+
+    bare(1), optimised(1)  # warm-up
+    bare_times, reno_times = [], []
+    for round_ in range(ROUNDS):  # alternate the order: the machine may be shared
+        if round_ % 2:
+            reno_times.append(optimised(ITERS))
+        bare_times.append(bare(ITERS))
+        if not round_ % 2:
+            reno_times.append(optimised(ITERS))
+    return {
+        "checkpoint": checkpoint,
+        "batch": len(prompts),
+        "bare": min(bare_times),
+        "reno": min(reno_times),
+        "ratios": sorted(r / b for r, b in zip(reno_times, bare_times, strict=True)),
+        "loaded_mb": loaded_mb,
+        "peak_mb": _peak_mb(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    """Run each checkpoint setting in its own process and print the figures."""
+    results = []
+    for checkpoint in (True, False):
+        here = Path(__file__).resolve().parent
+        code = f"import sys, json; sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]; import bench_reno; "
+        code += f"print(json.dumps(bench_reno.variant({checkpoint})))"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(done.stderr)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first = results[0]
+    print(
+        f"reno bench: toy model, {first['batch']} held-out prompts per batch, 4 DDIM steps, CFG 4.5, toy-clip; "
+        f"{ITERS} iterations x {ROUNDS} alternating rounds, {first['threads']} torch threads"
+    )
+    for r in results:
+        name = "checkpoint on (default, steps > 1)" if r["checkpoint"] else "checkpoint off"
+        images_per_minute = 60 * r["batch"] / (DEFAULT_ITERS * r["reno"])
+        ratios = ", ".join(f"{x:.3f}" for x in r["ratios"])
+        print(f"  {name}:")
+        print(f"    bare generator+decode+reward fwd+bwd {r['bare']:.3f} s/iteration, ReNO {r['reno']:.3f} s/iteration")
+        print(f"    ratio ReNO / bare: best {r['reno'] / r['bare']:.3f} (per round: {ratios})   (target <= 1.15)")
+        print(f"    peak RSS {r['peak_mb']:.0f} MB ({r['peak_mb'] - r['loaded_mb']:+.0f} MB over the loaded model)")
+        print(f"    images/minute at {DEFAULT_ITERS} iterations: {images_per_minute:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""`diffalign reno`: the output folder (initial and optimised images with sidecar prompts, history, summary), the
+one-line input errors before any model loads, and the split across two processes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from clitools import run_cli
+from distributed import failure, launch_two_ranks
+from PIL import Image
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+ARGS = ["--model", "tiny-sd-turbo", "--reward", "toy-clip", "--iters", "2", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_run(prompts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "reno"
+    result = run_cli("reno", *ARGS, "--prompts", str(prompts_file), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_reno_cli_writes_images_with_sidecar_prompts_history_and_table(single_run):
+    out, result = single_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["prompt"] for p in summary["prompts"]] == PROMPTS
+    for folder in ("initial", "reno"):
+        rows = read_jsonl(out / folder / f"{folder}.jsonl")
+        assert [r["prompt"] for r in rows] == PROMPTS and [r["seed"] for r in rows] == [0, 1, 2]
+        for i, prompt in enumerate(PROMPTS):
+            assert (out / folder / f"{i:05d}.txt").read_text() == prompt  # what `diffalign score` reads
+            assert Image.open(out / folder / f"{i:05d}.png").size == (32, 32)
+    history = read_jsonl(out / "history.jsonl")
+    assert [(h["prompt_index"], h["iteration"]) for h in history] == [(p, i) for p in range(3) for i in range(2)]
+    for h in history:
+        assert h["prompt"] == PROMPTS[h["prompt_index"]] and h["toy-clip"] == h["reward"]
+        assert {"regulariser", "grad_norm", "noise_norm"} <= set(h)
+    for p, row in enumerate(summary["prompts"]):
+        rewards = [h["reward"] for h in history if h["prompt_index"] == p]
+        assert row["reward_before"] == rewards[0] and row["reward_after"] == max(rewards)
+        assert row["best_iteration"] == rewards.index(max(rewards))
+    assert "reward before" in result.stdout and "a green triangle" in result.stdout  # the before/after table
+
+
+def test_reno_split_across_two_processes_merges_in_prompt_order(single_run, prompts_file, tmp_path):
+    out = tmp_path / "reno"
+    result = launch_two_ranks(["-m", "diffalign", "reno", *ARGS, "--prompts", str(prompts_file), "--out", str(out)])
+    assert result.returncode == 0, failure(result)
+    assert "rank 0/2: 2 prompts" in result.stderr and "rank 1/2: 1 prompts" in result.stderr
+    single = single_run[0]
+    split, alone = (json.loads((o / "summary.json").read_text())["prompts"] for o in (out, single))
+    for a, b in zip(split, alone, strict=True):
+        assert (a["prompt"], a["seed"], a["best_iteration"]) == (b["prompt"], b["seed"], b["best_iteration"])
+        assert (a["reward_before"], a["reward_after"]) == pytest.approx(
+            (b["reward_before"], b["reward_after"]), rel=1e-3
+        )
+    for folder in ("initial", "reno"):
+        for i in range(len(PROMPTS)):
+            pixels = [np.asarray(Image.open(o / folder / f"{i:05d}.png")).astype(int) for o in (out, single)]
+            assert np.abs(pixels[0] - pixels[1]).max() <= 2
+
+
+@pytest.fixture
+def broken_model(tmp_path):
+    """A pipeline folder that fails to load: an input error reported instead proves the check came first."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    return str(broken)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-p", "x", "--reward", "jpeg"], "error: reno --reward: reward 'jpeg' is not differentiable"),
+        (["--reward", "toy-clip"], "error: give at least one --prompt or a --prompts file"),
+        (["--prompts", "missing.txt"], "error: prompt file not found"),
+    ],
+)
+def test_reno_cli_input_errors_are_one_line_with_exit_2(args, message, broken_model, tmp_path):
+    result = run_cli("reno", "--model", broken_model, *args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"reward": "nope"}, "unknown reward 'nope'"),
+        ({"reward": "toy-clip,toy-gold"}, "reward 'toy-gold' is not differentiable"),
+        ({"starts": 8, "iters": 10}, "raise --iters or lower --starts"),
+        ({"lr": 0.0}, "learning rate must be positive"),
+        ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
+        ({"out": "precious"}, "precious exists and is not a folder this command wrote"),
+    ],
+)
+def test_reno_settings_are_checked_before_the_model_loads(settings, message, broken_model, tmp_path):
+    from diffalign.apps.reno import run_reno
+    from diffalign.errors import UserError
+
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    settings = {"reward": "toy-clip", "out": tmp_path / "out", **settings}
+    with pytest.raises(UserError, match=message):
+        run_reno(broken_model, ["x"], tmp_path / settings.pop("out"), **settings)
+    assert not (tmp_path / "out").exists() and (tmp_path / "precious" / "notes.txt").is_file()

@@ -1,0 +1,158 @@
+"""ReNO (diffalign.infer.reno) on the tiny one/few-step pipelines: the reward rises, the best image is tracked per
+prompt, gradients are clipped per prompt, a batch equals one-by-one runs, multi-start spends the same budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_family
+
+from diffalign.errors import UserError
+from diffalign.infer.reno import phase_lengths, reno
+from diffalign.infer.sample import initial_latents
+from diffalign.rewards import Reward, WeightedSum
+from diffalign.rewards.toy import ToyGoldReward
+
+PROMPTS = ["a red circle", "a blue square on a white background", "a green triangle"]
+
+
+class Probe(Reward):
+    """scale * mean brightness (an analytic differentiable reward), plus an optional per-prompt table of values
+    added at successive calls (to place the best iteration where a test wants it)."""
+
+    name = "probe"
+
+    def __init__(self, scale: float = 10.0, table: dict[str, list[float]] | None = None) -> None:
+        super().__init__()
+        self.scale, self.table, self.calls = scale, table, 0
+
+    def forward(self, images, prompts):
+        value = self.scale * images.mean(dim=(1, 2, 3))
+        if self.table is not None:
+            value = value + torch.tensor([self.table[p][self.calls] for p in prompts])
+            self.calls += 1
+        return value
+
+
+@pytest.fixture(scope="module")
+def turbo():
+    return build_family("sd-turbo")
+
+
+@pytest.mark.parametrize("kind", ["sd-turbo", "flux-schnell"])
+def test_the_reward_rises_on_one_step_models(kind, turbo):
+    family = turbo if kind == "sd-turbo" else build_family(kind)
+    result = reno(family, PROMPTS[:2], Probe(), iters=4)
+    curve = result.curve("reward")
+    assert curve.shape == (4, 2)
+    assert (curve[-1] > curve[0]).all(), curve
+    assert all(b > i for b, i in zip(result.best_reward, result.initial_reward, strict=True))
+    assert result.noise.dtype == torch.float32 and result.images.shape == (2, 3, 32, 32)
+
+
+def test_few_steps_with_cfg_get_gradients_through_every_step(turbo):
+    result = reno(turbo, PROMPTS[:1], Probe(), iters=3, num_steps=2, guidance_scale=2.0)
+    assert result.best_reward[0] > result.initial_reward[0]
+    initial = turbo.decode(
+        turbo.sample(
+            turbo.encode_prompts(PROMPTS[:1]), turbo.encode_negative(), latents=initial_latents(turbo, [0]),
+            num_steps=2, guidance_scale=2.0,
+        )
+    )  # fmt: skip
+    assert torch.allclose(result.initial_images, initial.detach(), atol=1e-5)  # iteration 0 = the plain sampler
+
+
+def test_best_image_is_the_best_iteration_of_each_prompt(turbo):
+    table = {PROMPTS[0]: [1.0, 5.0, 3.0, 2.0, 0.0], PROMPTS[1]: [0.0, 1.0, 2.0, 9.0, 4.0]}
+    result = reno(turbo, PROMPTS[:2], Probe(scale=1e-3, table=table), iters=5)
+    assert result.best_iteration == [1, 3]
+    rewards = result.curve("reward")
+    assert result.best_reward == pytest.approx([rewards[1, 0].item(), rewards[3, 1].item()])
+    # the kept image is the one its kept noise generates, not the last one
+    regenerated = turbo.decode(turbo.sample(turbo.encode_prompts(PROMPTS[:2]), latents=result.noise, num_steps=1))
+    assert torch.allclose(result.images, regenerated.detach(), atol=1e-5)
+    assert not torch.allclose(result.noise, initial_latents(turbo, [0, 1]))
+
+
+def test_each_prompt_gradient_is_clipped_to_grad_clip(turbo):
+    table = {p: [0.0, 100.0] for p in PROMPTS[:2]}  # iteration 1 is best: result.noise is the noise after one step
+    result = reno(turbo, PROMPTS[:2], Probe(scale=1e4, table=table), iters=2, lr=1.0, momentum=0.0, grad_clip=0.05)
+    step = (result.noise - initial_latents(turbo, [0, 1])).flatten(1).norm(dim=1)
+    grad_norms = result.curve("grad_norm")[0]
+    assert (grad_norms > 0.05).all()  # the raw gradients exceed the limit...
+    assert step.tolist() == pytest.approx([0.05, 0.05], rel=1e-4)  # ...and each prompt's step is lr * clip
+
+
+def test_a_batch_equals_one_by_one_runs_with_multi_start(turbo):
+    settings = {"iters": 5, "starts": 2, "start_fraction": 0.8, "reg_weight": 1.0}  # 2 starts x 2 iters, then 1
+    batch = reno(turbo, PROMPTS, Probe(), seeds=[5, 6, 7], **settings)
+    for b, prompt in enumerate(PROMPTS):
+        alone = reno(turbo, [prompt], Probe(), seeds=[5 + b], **settings)
+        assert torch.allclose(batch.images[b], alone.images[0], atol=1e-4)
+        assert torch.allclose(batch.noise[b], alone.noise[0], atol=1e-4)
+        assert (batch.best_iteration[b], batch.best_start[b]) == (alone.best_iteration[0], alone.best_start[0])
+        assert batch.followed_start[b] == alone.followed_start[0]
+        assert torch.allclose(batch.curve("reward")[:, b], alone.curve("reward")[:, 0], rtol=1e-4)
+
+
+def test_multi_start_spends_the_same_budget_and_continues_the_best_start(turbo):
+    assert phase_lengths(50, 1, 0.5) == (50, 0)
+    assert phase_lengths(50, 4, 0.5) == (6, 26)  # 4 x 6 + 26 = 50 generator passes
+    with pytest.raises(UserError, match="raise --iters or lower --starts"):
+        phase_lengths(4, 3, 0.5)
+    result = reno(turbo, PROMPTS[:2], Probe(), iters=7, starts=3, start_fraction=0.9)  # 3 x 2 + 1
+    assert len(result.history) == 2 * 7
+    for b in range(2):
+        first_phase = [r for r in result.history if r["prompt"] == b and r["iteration"] < 2]
+        best_per_start = [max(r["reward"] for r in first_phase if r["start"] == s) for s in range(3)]
+        assert result.followed_start[b] == max(range(3), key=best_per_start.__getitem__)
+        assert [r["start"] for r in result.history if r["prompt"] == b and r["iteration"] == 2] == [
+            result.followed_start[b]
+        ]
+    single = reno(turbo, PROMPTS[:2], Probe(), iters=1)
+    assert torch.allclose(result.initial_images, single.initial_images, atol=1e-6)  # start 0 = the prompt's seed
+
+
+def test_weighted_sum_components_are_logged_and_weighted(turbo):
+    mix = WeightedSum([Probe(scale=1.0), Probe(scale=2.0)], [0.5, 3.0])
+    result = reno(turbo, PROMPTS[:1], mix, iters=2)
+    for record in result.history:
+        assert set(record["rewards"]) == {"probe", "probe#2"}
+        expected = 0.5 * record["rewards"]["probe"] + 3.0 * record["rewards"]["probe#2"]
+        assert record["reward"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_half_precision_generator_keeps_noise_and_regulariser_in_float32(turbo):
+    import copy
+
+    half = copy.deepcopy(turbo)
+    half.pipe.to(torch.bfloat16)
+    result = reno(half, PROMPTS[:1], Probe(), iters=2)
+    assert half.dtype == torch.bfloat16
+    assert result.noise.dtype == torch.float32 and torch.isfinite(result.images).all()
+    assert result.best_reward[0] >= result.initial_reward[0]
+
+
+def test_non_differentiable_rewards_and_bad_settings_are_refused(turbo):
+    with pytest.raises(UserError, match="'jpeg' is not differentiable"):
+        reno(turbo, PROMPTS[:1], "jpeg")
+    with pytest.raises(UserError, match="'toy-gold' is not differentiable"):
+        reno(turbo, PROMPTS[:1], ToyGoldReward())
+    with pytest.raises(UserError, match="unknown optimizer"):
+        reno(turbo, PROMPTS[:1], Probe(), optimizer="lbfgs")
+
+
+def test_default_reward_is_the_papers_mix_and_the_toy_uses_its_proxy():
+    from diffalign.apps.reno import reno_defaults
+    from diffalign.infer.reno import RENO_REWARD
+    from diffalign.rewards import parse_differentiable_spec
+
+    terms = {t.cls.name: (t.weight, t.options) for t in parse_differentiable_spec(RENO_REWARD, "reno")}
+    assert terms == {
+        "hpsv2": (5.0, {}),
+        "imagereward": (1.0, {}),
+        "clip": (0.01, {"model": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}),
+        "pickscore": (0.05, {}),
+    }
+    assert reno_defaults("stabilityai/sd-turbo") == {"reward": RENO_REWARD, "num_steps": 1, "guidance_scale": 1.0}
+    assert reno_defaults("toy") == {"reward": "toy-clip", "num_steps": 4, "guidance_scale": 4.5}

@@ -93,7 +93,8 @@ def line_chart(
         svg.append(f'<text x="{left - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
         svg.append(f'<line x1="{left}" y1="{sy(y):.1f}" x2="{width - right}" y2="{sy(y):.1f}" stroke="#eee"/>')
         x = x0 + (x1 - x0) * k / 4
-        svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{x:.0f}</text>')
+        tick = f"{x:.0f}" if x1 - x0 >= 10 else f"{x:.2g}"  # steps are integers, a sweep of scales is not
+        svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{tick}</text>')
     svg.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">{x_label}</text>')
     for n, (name, values) in enumerate(series.items()):
         colour = PALETTE[n % len(PALETTE)]

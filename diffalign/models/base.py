@@ -99,6 +99,9 @@ class Family:
     text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder",)
     default_num_steps: ClassVar[int] = 50
     default_guidance_scale: ClassVar[float] = 7.5
+    unbatched_denoiser_inputs: ClassVar[tuple[str, ...]] = ()
+    """Keyword inputs of the denoiser (as `denoise` and the stock pipeline call it) that carry no batch dimension,
+    e.g. FLUX's position ids: a wrapper that stacks two batches in one call (RLG) must not stack these."""
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -508,15 +511,44 @@ class Family:
         return folder
 
     def load_lora(self, folder: str | Path, adapter_name: str | None = None) -> None:
-        """Load a diffusers-format LoRA folder (ours or any other) into the pipeline with the stock loader."""
-        path = Path(folder).expanduser()
-        if not path.is_dir() or not [*path.glob("*.safetensors"), *path.glob("*.bin")]:
-            problem = "has no .safetensors/.bin weights" if path.is_dir() else "is not a folder"
-            raise UserError(f"LoRA {folder} {problem}: give a folder written by save_lora or save_lora_weights")
-        with quiet_hf_logs("diffusers"):  # e.g. "no LoRA keys for the text encoder": true of every denoiser-only LoRA
-            self.pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
-        config = self.denoiser.peft_config[adapter_name or list(self.denoiser.peft_config)[-1]]
+        """Load a diffusers-format LoRA folder (ours or any other) into the pipeline with the stock loader.
+
+        A folder that is not a LoRA of this model is a one-line UserError naming it."""
+        import warnings
+
+        from diffusers.utils import logging as diffusers_logging
+
+        check_lora_folder(folder)
+        before = set(getattr(self.denoiser, "peft_config", None) or {})
+        # "no LoRA keys for the text encoder" is true of every denoiser-only LoRA; a failed load's own reports
+        # (a logged error, peft's warnings) become the one-line error below, a successful load's warnings are shown.
+        with quiet_hf_logs("diffusers"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+            try:
+                self.pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:  # corrupt file, another model's shapes/keys
+                raise UserError(f"LoRA {folder} does not load into this {self.name} model: {error_text(e)}") from e
+        for warning in caught:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        added = [name for name in getattr(self.denoiser, "peft_config", None) or {} if name not in before]
+        if not added:
+            raise UserError(f"LoRA {folder} has no weights for this model's {self.denoiser_attr}: is it a LoRA of it?")
+        config = self.denoiser.peft_config[adapter_name or added[-1]]
         self.lora = LoraSpec(rank=config.r, alpha=float(config.lora_alpha), targets=sorted(config.target_modules or []))
+
+    def load_denoiser(self, folder: str | Path) -> nn.Module:
+        """A second denoiser of this model's class from `folder` (written by `save_pretrained`, e.g. a full
+        fine-tune's `output_dir/denoiser`), frozen, in eval mode, on this model's device and in its dtype."""
+        check_denoiser_folder(folder)
+        try:
+            with quiet_hf_logs("diffusers"):
+                module = type(self.denoiser).from_pretrained(str(folder), torch_dtype=self.denoiser.dtype)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(
+                f"denoiser {folder} does not load as this {self.name} model's denoiser: {error_text(e)}"
+            ) from e
+        return module.to(self.device).requires_grad_(False).eval()
 
     def unload_lora(self) -> None:
         """Remove every LoRA adapter from the denoiser (added or loaded): back to the base model."""
@@ -525,3 +557,33 @@ class Family:
             if getattr(self.denoiser, "peft_config", None):  # an adapter added by add_lora is not the pipeline's
                 self.denoiser.delete_adapters(list(self.denoiser.peft_config))
         self.lora = None
+
+
+def check_lora_folder(folder: str | Path) -> Path:
+    """`folder` if it looks like a diffusers-format LoRA (a folder with .safetensors/.bin weights), else a one-line
+    UserError naming it. Cheap: callers check before loading the model."""
+    path = Path(folder).expanduser()
+    if not path.is_dir() or not [*path.glob("*.safetensors"), *path.glob("*.bin")]:
+        problem = "has no .safetensors/.bin weights" if path.is_dir() else "is not a folder"
+        raise UserError(f"LoRA {folder} {problem}: give a folder written by save_lora or save_lora_weights")
+    return path
+
+
+def check_denoiser_folder(folder: str | Path) -> Path:
+    """`folder` if it looks like a denoiser saved with `save_pretrained` (config.json + weights), else a one-line
+    UserError naming it."""
+    path = Path(folder).expanduser()
+    weights = [*path.glob("*.safetensors"), *path.glob("*.bin")] if path.is_dir() else []
+    if not (path / "config.json").is_file() or not weights:
+        what = "is not a folder" if not path.is_dir() else "has no config.json and weights"
+        raise UserError(f"denoiser {folder} {what}: give a folder written by unet/transformer.save_pretrained")
+    return path
+
+
+def error_text(error: Exception) -> str:
+    """An exception's message on one line: its first line, with the next one when the first only introduces it
+    ("Error(s) in loading state_dict for UNet2DConditionModel:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

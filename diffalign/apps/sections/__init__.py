@@ -18,6 +18,7 @@ class Section:
 
 SECTIONS: dict[str, Section] = {
     "dpo": Section("Diffusion-DPO", "diffalign.apps.sections.dpo:dpo_section"),
+    "rlg": Section("RL guidance (RLG)", "diffalign.apps.sections.rlg:rlg_section"),
 }
 
 

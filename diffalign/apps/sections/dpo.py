@@ -55,6 +55,7 @@ def dpo_section(ctx: DemoContext) -> SectionResult:
     steps = ctx.settings.dpo_steps
     run = out / f"seed{ctx.seed}"
     lora = train_on_toy(ctx, "dpo", run, steps, [f"data.source={pairs['path']}"])
+    ctx.loras[("dpo", ctx.seed)] = lora
     curves = read_curves(run / "metrics.jsonl", extra=("loss", "implicit_accuracy"))
     ctx.console.print(f"  measuring the DPO model on {ctx.settings.eval_samples} held-out samples (same seeds)")
     after = after_lora(ctx, lora, "dpo")

@@ -2,6 +2,7 @@
 
     python scripts/bench.py score     # `diffalign score` end to end vs the bare reward forward (target ratio >= 0.8)
     python scripts/bench.py dpo       # DPO step time vs the bare work (scripts/bench_dpo.py)
+    python scripts/bench.py rlg       # RLG sampling time vs plain CFG sampling (scripts/bench_rlg.py, target <= 2.10)
     python scripts/bench.py all       # every bench, in order
 
 Add a bench: write a function printing its figures and register it in BENCHES.
@@ -148,7 +149,15 @@ def bench_dpo() -> None:
     bench_dpo.main()
 
 
-BENCHES: dict[str, Callable[[], None]] = {"score": bench_score, "dpo": bench_dpo}
+def bench_rlg() -> None:
+    """The RLG sampling benchmark of scripts/bench_rlg.py."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_rlg
+
+    bench_rlg.main()
+
+
+BENCHES: dict[str, Callable[[], None]] = {"score": bench_score, "dpo": bench_dpo, "rlg": bench_rlg}
 
 
 def main() -> None:

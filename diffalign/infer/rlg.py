@@ -18,9 +18,11 @@ one wrapper module around the denoiser (`RLGDenoiser`), used
   the family goes through the wrapper), or `family.sample(..., predict=rlg_predict(family, 1.5))`.
 
 `zero_init_step=k` uses the fine-tuned prediction alone for the first k sampling steps (the official code's
-`zero_init_step`). With a LoRA, the base and fine-tuned passes run in ONE batched denoiser call: peft routes each
-half of the batch (`adapter_names`, "__base__" = adapters off), so the frozen weights run once on the doubled batch
-and the LoRA only on the fine-tuned half; `batched=False` makes two calls instead.
+`zero_init_step`). With a LoRA, the base pass is a call in which peft routes every sample to "__base__" (adapters
+off, `adapter_names`), the fine-tuned pass a plain call. `batched=True` runs both in ONE call of the doubled batch
+(peft routes each half); on 2 CPU cores that was slower (the toy UNet, rank-8 LoRA: 1.94-1.98x a plain call vs
+1.72-1.87x for two calls at batch 8 and 128; `scripts/bench.py rlg`), so two calls are the default. One call may win
+where per-call overhead dominates (small batches on a GPU): measure there.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class RLGDenoiser(nn.Module):
         finetuned: nn.Module | None = None,
         base: nn.Module | None = None,
         zero_init_step: int = 0,
-        batched: bool = True,
+        batched: bool = False,
         unbatched: Sequence[str] = (),
     ):
         super().__init__()
@@ -242,7 +244,7 @@ def rlg_denoiser(
     finetuned: nn.Module | None = None,
     base: nn.Module | None = None,
     zero_init_step: int = 0,
-    batched: bool = True,
+    batched: bool = False,
 ) -> RLGDenoiser:
     """The RLG wrapper of the denoiser of `target` (a Family or a stock diffusers pipeline); see `RLGDenoiser`."""
     family = type(target) if isinstance(target, Family) else family_class(target)
@@ -268,7 +270,7 @@ def rl_guidance(
     finetuned: nn.Module | None = None,
     base: nn.Module | None = None,
     zero_init_step: int = 0,
-    batched: bool = True,
+    batched: bool = False,
 ) -> Iterator[RLGDenoiser]:
     """Within the block, `target` samples with RL guidance at `scale`.
 
@@ -306,7 +308,7 @@ def rlg_predict(
     finetuned: nn.Module | None = None,
     base: nn.Module | None = None,
     zero_init_step: int = 0,
-    batched: bool = True,
+    batched: bool = False,
 ) -> PredictFn:
     """A prediction hook for `family.sample(..., predict=...)`: the family's prediction (with its CFG) under RLG."""
     wrapper = rlg_denoiser(

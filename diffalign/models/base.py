@@ -13,6 +13,7 @@ transformer. Methods (DPO, InPO, AlignProp, ReNO, RLG) and rewards only use this
     family.invert(x0, cond, t_end, num_steps, eta)     DDIM inversion (UNet) / reverse Euler (flow) to timesteps t_end
     family.encode_images(images) / .decode(latents)     images in [0, 1] <-> latents (scaling and shift applied)
     family.add_lora / save_lora / load_lora             peft LoRA on the denoiser, saved in the diffusers LoRA format
+    family.load_denoiser(folder)                        a second denoiser of the same class (e.g. a full fine-tune)
 
 Latents are always [B, C, h, w] here; families that pack latents (FLUX) pack and unpack inside `predict`.
 """

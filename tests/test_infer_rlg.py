@@ -224,6 +224,17 @@ def test_generate_sweep_writes_each_scale_a_grid_and_a_score_table(saved_lora, t
         plain = np.asarray(Image.open(tmp_path / "plain" / name)).astype(int)
         assert np.abs(np.asarray(Image.open(folders["0"] / name)).astype(int) - plain).max() <= 1
     assert np.abs(np.asarray(Image.open(folders["2"] / "00000.png")).astype(int) - plain).max() > 2
+    # a full fine-tuned denoiser instead of a LoRA: scale 0 is still the model as loaded
+    tuned = build_pipeline("sd").unet
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    tuned.save_pretrained(tmp_path / "denoiser")
+    args = ["--denoiser", str(tmp_path / "denoiser"), "--rlg-sweep", "0,1", "--out", str(tmp_path / "full")]
+    code, _, stderr = run_main(monkeypatch, capsys, "generate", *common, *args)
+    assert code == 0, stderr
+    full = [np.asarray(Image.open(tmp_path / "full" / f"rlg-{w}" / "00001.png")).astype(int) for w in (0, 1)]
+    assert np.abs(full[0] - plain).max() <= 1 and np.abs(full[1] - plain).max() > 2
 
 
 @pytest.mark.parametrize(
@@ -235,6 +246,8 @@ def test_generate_sweep_writes_each_scale_a_grid_and_a_score_table(saved_lora, t
         (["--rlg-scale", "1.5"], "--lora"),
         (["--lora", "{lora}", "--rlg-scale", "1", "--rlg-sweep", "0,1"], "not both"),
         (["--lora", "{lora}", "--rlg-scale", "1", "--score", "no-such-reward"], "no-such-reward"),
+        (["--denoiser", "{tmp}", "--rlg-scale", "1"], "no config.json"),
+        (["--denoiser", "{tmp}", "--lora", "{lora}"], "not both"),
     ],
 )
 def test_generate_rlg_input_errors_are_one_line_before_the_model_loads(

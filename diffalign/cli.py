@@ -108,6 +108,17 @@ def generate(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     device: Annotated[str, typer.Option(help="auto (this process's GPU, else CPU), cpu, cuda, cuda:1, mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    denoiser: Annotated[
+        Path | None, typer.Option(help="Fine-tuned denoiser folder (save_pretrained, e.g. a full fine-tune's).")
+    ] = None,
+    rlg_scale: Annotated[
+        float | None,
+        typer.Option(help="RL guidance: base + W*(fine-tuned - base) with the --lora/--denoiser model (0 = base)."),
+    ] = None,
+    rlg_sweep: Annotated[
+        str | None, typer.Option(help="RLG scales, e.g. 0,0.5,1,1.5,2: a folder per scale (same seeds), grid.png.")
+    ] = None,
+    score: Annotated[str | None, typer.Option(help="Reward spec: print reward mean ± SE per scale.")] = None,
 ) -> None:
     """Generate images with a pipeline (optionally with a LoRA) into a folder: <i>.png, a <i>.txt sidecar with its
     prompt (what `diffalign score` reads) and generate.jsonl (prompt, seed, sampling settings)."""
@@ -122,6 +133,18 @@ def generate(
         check_lora_folder(lora)
     check_replaceable(out, "generate.jsonl")
     resolve_model(model)
+    if any(option is not None for option in (lora, denoiser, rlg_scale, rlg_sweep, score)):
+        from diffalign.apps.rlg import check_rlg_inputs, generate_rlg
+
+        scales = check_rlg_inputs(lora, denoiser, rlg_scale, rlg_sweep, score)  # before the model loads
+        if scales is not None or score is not None:
+            written = generate_rlg(
+                model, texts, out, scales=scales, lora=lora, denoiser=denoiser, score=score, num_images=num_images,
+                num_steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device,
+                dtype=dtype,
+            )  # fmt: skip
+            typer.echo(f"wrote {written} image{'s' if written != 1 else ''} to {out}")
+            return
     from diffalign.apps.generate import generate_to_folder
 
     written = generate_to_folder(

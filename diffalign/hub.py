@@ -136,3 +136,14 @@ def check_lora_folder(folder: str | Path) -> Path:
         problem = "has no .safetensors/.bin weights" if path.is_dir() else "is not a folder"
         raise UserError(f"LoRA {folder} {problem}: give a folder written by save_lora or save_lora_weights")
     return path
+
+
+def check_denoiser_folder(folder: str | Path) -> Path:
+    """`folder` if it looks like a denoiser saved with `save_pretrained` (config.json + weights), else a one-line
+    UserError naming it."""
+    path = Path(folder).expanduser()
+    weights = [*path.glob("*.safetensors"), *path.glob("*.bin")] if path.is_dir() else []
+    if not (path / "config.json").is_file() or not weights:
+        what = "is not a folder" if not path.is_dir() else "has no config.json and weights"
+        raise UserError(f"denoiser {folder} {what}: give a folder written by unet/transformer.save_pretrained")
+    return path

@@ -57,7 +57,7 @@ def test_demo_report_has_every_section(demo_run):
     out, metrics = demo_run
     html = (out / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
-    for section in ("<h2>Summary</h2>", "<h2>Base model</h2>", "<h2>Diffusion-DPO</h2>"):
+    for section in ("<h2>Summary</h2>", "<h2>Base model</h2>", "<h2>Diffusion-DPO</h2>", "<h2>RL guidance (RLG)</h2>"):
         assert section in html
     for chart in ("held-out proxy reward during training", "held-out gold accuracy during training"):
         assert chart in html
@@ -75,6 +75,44 @@ def test_demo_inpo_section_trains_on_the_dpo_pairs(demo_run):
     assert (out / "inpo" / "seed0" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert Image.open(out / "inpo" / "after_grid.png").size[0] > 32
     assert "<h2>DDIM-InPO</h2>" in (out / "report.html").read_text()
+def test_demo_rlg_section_sweeps_the_dpo_sections_lora(demo_run):
+    """RLG reuses the DPO section's LoRA (no second training); w = 0 is the base, w = 1 the DPO model measured by
+    the DPO section (same seeds), and the report has the sweep table, curves and grid."""
+    out, _ = demo_run
+    saved = json.loads((out / "metrics.json").read_text())
+    rlg, dpo = saved["methods"]["rlg"], saved["methods"]["dpo"]
+    assert rlg["lora"] == "dpo/seed0/lora" and not (out / "rlg" / "dpo-seed0").exists()
+    rows = {row["scale"]: row for row in rlg["sweep"]}
+    assert list(rows) == [0, 1, 2] and all(row["n"] == 18 for row in rows.values())
+    assert rows[0]["gain_all_correct"] == 0 and rows[0]["all_correct"] == saved["base"]["all_correct"]
+    assert rows[1]["all_correct"] == pytest.approx(dpo["after"]["all_correct"])
+    assert rows[1]["proxy"] == pytest.approx(dpo["after"]["proxy_score"], abs=1e-3)
+    assert rlg["after"]["n"] == 18 and rlg["scale"] == 2
+    assert Image.open(out / "rlg" / "sweep_grid.png").size == (9 * 32, 3 * 32)
+    html = (out / "report.html").read_text()
+    assert "<h2>RL guidance (RLG)</h2>" in html and "gold all-correct vs w" in html
+
+
+def test_rlg_section_trains_dpo_itself_only_without_a_recorded_lora(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from diffalign.apps.sections import rlg as rlg_section
+
+    trained = []
+
+    def fake_train(ctx, method, out, steps, extra):
+        trained.append((method, out, steps, extra))
+        return out / "lora"
+
+    monkeypatch.setattr(dpo_section, "train_on_toy", fake_train)
+    ctx = SimpleNamespace(
+        loras={}, seed=3, work=tmp_path, settings=SMALL, console=demo.Console(stderr=True),
+        pairs=lambda: {"path": tmp_path / "pairs.parquet"},
+    )  # fmt: skip
+    lora = rlg_section.dpo_lora(ctx)
+    assert trained == [("dpo", tmp_path / "rlg" / "dpo-seed3", 4, [f"data.source={tmp_path / 'pairs.parquet'}"])]
+    assert ctx.loras[("dpo", 3)] == lora
+    assert rlg_section.dpo_lora(ctx) == lora and len(trained) == 1  # recorded: not trained again
 
 
 def test_a_failed_demo_keeps_the_previous_report(demo_run, monkeypatch):

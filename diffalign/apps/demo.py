@@ -45,18 +45,25 @@ class DemoSettings:
     """ReNO: held-out images optimised (cycling over the held-out prompts, the first evaluation seeds)."""
     reno_iters: int = 3
     """ReNO: optimisation iterations per image (the paper's 50). The defaults are a smoke-sized run."""
+    rlg_scales: tuple[float, ...] = (0.0, 1.0, 2.0)
+    """RL-guidance scales swept with the DPO LoRA (0 = the base model, 1 = the DPO model)."""
+    rlg_samples: int = 64
+    """Samples per sweep point (the first of the evaluation seeds, so every point is paired with the base)."""
+    rlg_scale: float = 2.0
+    """The RLG scale measured on all `eval_samples`: the section's result in the comparison table."""
 
 
 FULL = DemoSettings(
     eval_samples=512, pairs_repeats=24, images_per_prompt=8, dpo_steps=300, inpo_steps=300, validation_every=50,
     validation_images=8, alignprop_steps=200, reno_samples=54, reno_iters=50,
+    rlg_scales=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0), rlg_samples=256,
 )  # fmt: skip
 # Quick: more pairs from fewer images per prompt (528 pairs, best of 4) beat fewer, wider pairs (264, best of 6):
 # with 100 steps the first gave +3.1 +- 1.5 points (paired SE), the second +0.0; 200 steps give +7.8 +- 2.1.
 # AlignProp quick: 30 steps of 8 prompts at 10 sampling steps (about a minute on an idle 2-core machine).
 QUICK = DemoSettings(
     eval_samples=192, pairs_repeats=16, images_per_prompt=4, dpo_steps=200, inpo_steps=200, validation_every=50,
-    validation_images=4, alignprop_steps=30, reno_samples=18, reno_iters=20,
+    validation_images=4, alignprop_steps=30, reno_samples=18, reno_iters=20, rlg_scales=(0.0, 1.0, 2.0), rlg_samples=64,
 )  # fmt: skip
 
 
@@ -81,14 +88,17 @@ class DemoContext:
     """key=value overrides applied to every method's toy config (after the demo's own)."""
     console: Console = field(default_factory=lambda: Console(stderr=True))
     base: dict[str, Any] | None = None
+    loras: dict[tuple[str, int], Path] = field(default_factory=dict)
+    """LoRAs the sections trained, by (method, training seed): what inference-time sections (RLG) build on."""
     _pairs: dict[str, Any] | None = None
 
-    def measure(self) -> dict[str, Any]:
-        """Gold and proxy metrics of the family as it is now, on the held-out prompts with the evaluation seeds."""
+    def measure(self, num_samples: int | None = None) -> dict[str, Any]:
+        """Gold and proxy metrics of the family as it is now, on the held-out prompts with the evaluation seeds (the
+        first `num_samples` of them; default all `eval_samples`)."""
         from diffalign.apps.evaluate import evaluate
 
         return evaluate(
-            self.family, self.heldout, self.settings.eval_samples, self.eval_seed, proxy=self.proxy,
+            self.family, self.heldout, num_samples or self.settings.eval_samples, self.eval_seed, proxy=self.proxy,
             return_images=True, progress=True,
         )  # fmt: skip
 

@@ -29,19 +29,25 @@ __all__ = [
     "cond_expand",
     "cond_select",
     "cond_to",
+    "family_class",
     "family_for_pipeline",
     "load_family",
 ]
 
 
-def family_for_pipeline(pipe) -> Family:
-    """Wrap a stock diffusers pipeline in its family (detected from the pipeline class)."""
+def family_class(pipe) -> type[Family]:
+    """The family class of a stock diffusers pipeline (from the pipeline class), without wrapping the pipeline."""
     for cls in type(pipe).__mro__:
         for family in FAMILIES.values():
             if cls.__name__ == family.pipeline_class_name:
-                return family(pipe)
+                return family
     supported = ", ".join(f.pipeline_class_name for f in FAMILIES.values())
     raise UserError(f"pipeline class {type(pipe).__name__} is not supported; supported: {supported}")
+
+
+def family_for_pipeline(pipe) -> Family:
+    """Wrap a stock diffusers pipeline in its family (detected from the pipeline class)."""
+    return family_class(pipe)(pipe)
 
 
 def load_family(

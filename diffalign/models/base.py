@@ -14,6 +14,7 @@ transformer. Methods (DPO, InPO, AlignProp, ReNO, RLG) and rewards only use this
     family.invert(x0, cond, t_end, num_steps, eta)     DDIM inversion (UNet) / reverse Euler (flow) to timesteps t_end
     family.encode_images(images) / .decode(latents)     images in [0, 1] <-> latents (scaling and shift applied)
     family.add_lora / save_lora / load_lora             peft LoRA on the denoiser, saved in the diffusers LoRA format
+    family.load_denoiser(folder)                        a second denoiser of the same class (e.g. a full fine-tune)
 
 Latents are always [B, C, h, w] here; families that pack latents (FLUX) pack and unpack inside `predict`.
 """
@@ -31,8 +32,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from diffalign.errors import UserError
-from diffalign.hub import check_lora_folder, quiet_hf_logs
+from diffalign.errors import UserError, error_text
+from diffalign.hub import check_denoiser_folder, check_lora_folder, quiet_hf_logs
 
 Cond = dict[str, Tensor]
 PredictFn = Callable[..., Tensor]
@@ -100,6 +101,9 @@ class Family:
     text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder",)
     default_num_steps: ClassVar[int] = 50
     default_guidance_scale: ClassVar[float] = 7.5
+    unbatched_denoiser_inputs: ClassVar[tuple[str, ...]] = ()
+    """Keyword inputs of the denoiser (as `denoise` and the stock pipeline call it) that carry no batch dimension,
+    e.g. FLUX's position ids: a wrapper that stacks two batches in one call (RLG) must not stack these."""
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -529,13 +533,45 @@ class Family:
         return folder
 
     def load_lora(self, folder: str | Path, adapter_name: str | None = None) -> None:
-        """Load a diffusers-format LoRA folder (ours or any other) into the pipeline with the stock loader."""
+        """Load a diffusers-format LoRA folder (ours or any other) into the pipeline with the stock loader.
+
+        A folder that is not a LoRA of this model is a one-line UserError naming it."""
+        import warnings
+
+        from diffusers.utils import logging as diffusers_logging
+
         check_lora_folder(folder)
-        with quiet_hf_logs("diffusers"):  # e.g. "no LoRA keys for the text encoder": true of every denoiser-only LoRA
-            self.pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
-        config = self.denoiser.peft_config[adapter_name or list(self.denoiser.peft_config)[-1]]
+        before = set(getattr(self.denoiser, "peft_config", None) or {})
+        # "no LoRA keys for the text encoder" is true of every denoiser-only LoRA; a failed load's own reports
+        # (a logged error, peft's warnings) become the one-line error below, a successful load's warnings are shown.
+        with quiet_hf_logs("diffusers"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+            try:
+                self.pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:  # corrupt file, another model's shapes/keys
+                raise UserError(f"LoRA {folder} does not load into this {self.name} model: {error_text(e)}") from e
+        for warning in caught:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        added = [name for name in getattr(self.denoiser, "peft_config", None) or {} if name not in before]
+        if not added:
+            raise UserError(f"LoRA {folder} has no weights for this model's {self.denoiser_attr}: is it a LoRA of it?")
+        config = self.denoiser.peft_config[adapter_name or added[-1]]
         self.lora = LoraSpec(rank=config.r, alpha=float(config.lora_alpha), targets=sorted(config.target_modules or []))
         self._adapter_layers = None
+
+    def load_denoiser(self, folder: str | Path) -> nn.Module:
+        """A second denoiser of this model's class from `folder` (written by `save_pretrained`, e.g. a full
+        fine-tune's `output_dir/denoiser`), frozen, in eval mode, on this model's device and in its dtype."""
+        check_denoiser_folder(folder)
+        try:
+            with quiet_hf_logs("diffusers"):
+                module = type(self.denoiser).from_pretrained(str(folder), torch_dtype=self.denoiser.dtype)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(
+                f"denoiser {folder} does not load as this {self.name} model's denoiser: {error_text(e)}"
+            ) from e
+        return module.to(self.device).requires_grad_(False).eval()
 
     def unload_lora(self) -> None:
         """Remove every LoRA adapter from the denoiser (added or loaded): back to the base model."""

@@ -26,6 +26,7 @@ class FluxFamily(FlowFamily):
     text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     default_guidance_scale: ClassVar[float] = 1.0  # true CFG off, as in the stock pipeline
     embedded_guidance: float = 3.5
+    unbatched_denoiser_inputs: ClassVar[tuple[str, ...]] = ("txt_ids", "img_ids")  # [seq, 3] position ids
     default_lora_targets: ClassVar[list[str]] = [  # diffusers' train_dreambooth_lora_flux.py default
         "attn.to_k",
         "attn.to_q",

@@ -21,6 +21,7 @@ SECTIONS: dict[str, Section] = {
     "inpo": Section("DDIM-InPO", "diffalign.apps.sections.inpo:inpo_section"),
     "alignprop": Section("AlignProp", "diffalign.apps.sections.alignprop:alignprop_section"),
     "reno": Section("ReNO", "diffalign.apps.sections.reno:reno_section"),
+    "rlg": Section("RL guidance (RLG)", "diffalign.apps.sections.rlg:rlg_section"),
 }
 
 

@@ -72,6 +72,7 @@ def dpo_section(ctx: DemoContext) -> SectionResult:
     training, cpu = time.perf_counter(), time.process_time()
     lora = train_on_toy(ctx, "dpo", run, steps, [f"data.source={pairs['path']}"])
     train_seconds, train_cpu_seconds = time.perf_counter() - training, time.process_time() - cpu
+    ctx.loras[("dpo", ctx.seed)] = lora
     curves = read_curves(run / "metrics.jsonl", extra=("loss", "implicit_accuracy"))
     ctx.console.print(f"  measuring the DPO model on {ctx.settings.eval_samples} held-out samples (same seeds)")
     after = after_lora(ctx, lora, "dpo")

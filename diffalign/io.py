@@ -72,17 +72,6 @@ def atomic_dir(path: str | Path, marker: str | None = None) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def check_replaceable(path: str | Path, marker: str) -> None:
-    """A UserError unless `path` is absent, an empty folder or a folder holding `marker` (one a command wrote), so a
-    command can refuse an output folder before its work rather than after it."""
-    path = Path(path)
-    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / marker).is_file())):
-        raise UserError(
-            f"{path} exists and is not a folder this command wrote (no {marker}); it would be replaced: "
-            "choose a new path or remove it"
-        )
-
-
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:

@@ -75,6 +75,8 @@ def test_demo_inpo_section_trains_on_the_dpo_pairs(demo_run):
     assert (out / "inpo" / "seed0" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert Image.open(out / "inpo" / "after_grid.png").size[0] > 32
     assert "<h2>DDIM-InPO</h2>" in (out / "report.html").read_text()
+
+
 def test_demo_rlg_section_sweeps_the_dpo_sections_lora(demo_run):
     """RLG reuses the DPO section's LoRA (no second training); w = 0 is the base, w = 1 the DPO model measured by
     the DPO section (same seeds), and the report has the sweep table, curves and grid."""

@@ -112,7 +112,6 @@ def test_ctrl_c_says_where_the_run_resumes_from(pairs, tmp_path):
     assert last.endswith(f"`diffalign train {config} output_dir={out}` resumes it")
 
 
-
 def test_best_tracker_keeps_the_best_and_counts_falls_in_a_row():
     tracker = BestTracker(metric="val/heldout")
     values = [0.5, 0.7, 0.6, 0.65, 0.6, 0.55, 0.8]

@@ -126,7 +126,8 @@ def output_plan(cfg: TrainConfig) -> str:
 
 
 def prepare_output_dir(cfg: TrainConfig, accelerator) -> None:
-    """Check output_dir (`output_plan`), then (main process) empty a replaced run, record this run's settings, and on resume drop the metrics the interrupted run logged after its checkpoint."""
+    """Check output_dir (`output_plan`), then (main process) empty a replaced run, record this run's settings, and
+    on resume drop the metrics the interrupted run logged after its checkpoint."""
     plan = output_plan(cfg)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:

@@ -123,43 +123,23 @@ def generate(
     """Generate images with a pipeline (optionally with a LoRA) into a folder: <i>.png, a <i>.txt sidecar with its
     prompt (what `diffalign score` reads) and generate.jsonl (prompt, seed, sampling settings)."""
     from diffalign.data.prompts import read_prompts
-    from diffalign.hub import check_lora_folder, resolve_model
+    from diffalign.hub import resolve_model
     from diffalign.io import check_replaceable
 
     texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])
     if not texts:
         raise UserError("give at least one --prompt or a --prompts file")
-    if lora is not None:
-        check_lora_folder(lora)
     check_replaceable(out, "generate.jsonl")
     resolve_model(model)
-    if any(option is not None for option in (lora, denoiser, rlg_scale, rlg_sweep, score)):
-        from diffalign.apps.rlg import check_rlg_inputs, generate_rlg
+    from diffalign.apps.rlg import check_rlg_inputs
 
-        scales = check_rlg_inputs(lora, denoiser, rlg_scale, rlg_sweep, score)  # before the model loads
-        if scales is not None or score is not None:
-            written = generate_rlg(
-                model, texts, out, scales=scales, lora=lora, denoiser=denoiser, score=score, num_images=num_images,
-                num_steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device,
-                dtype=dtype,
-            )  # fmt: skip
-            typer.echo(f"wrote {written} image{'s' if written != 1 else ''} to {out}")
-            return
+    scales = check_rlg_inputs(lora, denoiser, rlg_scale, rlg_sweep, score)  # before the model loads
     from diffalign.apps.generate import generate_to_folder
 
     written = generate_to_folder(
-        model,
-        texts,
-        out,
-        lora=lora,
-        num_images=num_images,
-        num_steps=steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-    )
+        model, texts, out, lora=lora, denoiser=denoiser, scales=scales, score=score, num_images=num_images,
+        num_steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+    )  # fmt: skip
     typer.echo(f"wrote {written} image{'s' if written != 1 else ''} to {out}")
 
 

@@ -4,6 +4,7 @@ with and without CFG, LoRA (ours or plain peft/diffusers) or a second full denoi
 from __future__ import annotations
 
 import copy
+import json
 import sys
 
 import pytest
@@ -224,6 +225,14 @@ def test_generate_sweep_writes_each_scale_a_grid_and_a_score_table(saved_lora, t
         plain = np.asarray(Image.open(tmp_path / "plain" / name)).astype(int)
         assert np.abs(np.asarray(Image.open(folders["0"] / name)).astype(int) - plain).max() <= 1
     assert np.abs(np.asarray(Image.open(folders["2"] / "00000.png")).astype(int) - plain).max() > 2
+    index = [json.loads(line) for line in (out / "generate.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["rlg_scale"]) for r in index][::2] == [("rlg-0/00000.png", 0), ("rlg-1/00000.png", 1),
+                                                                 ("rlg-2/00000.png", 2)]  # fmt: skip
+    # the sweep's folder is its own: a smaller run into it replaces it whole (no stale rlg-2/)
+    code, _, stderr = run_main(monkeypatch, capsys, "generate", *common, "--lora", str(saved_lora),
+                               "--rlg-sweep", "0,1", "--out", str(out))  # fmt: skip
+    assert code == 0, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["generate.jsonl", "grid.png", "rlg-0", "rlg-1"]
     # a full fine-tuned denoiser instead of a LoRA: scale 0 is still the model as loaded
     tuned = build_pipeline("sd").unet
     with torch.no_grad():

@@ -41,5 +41,5 @@ def test_a_wheel_install_runs_the_demo_from_another_directory(tmp_path):
         cwd=tmp_path / "elsewhere", env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert '"methods": ["dpo", "inpo"]' in result.stdout  # configs/inpo/toy.yaml installed and found
+    assert '"methods": ["dpo", "inpo", "alignprop", "reno", "rlg"]' in result.stdout  # every toy config found
     assert (tmp_path / "demo" / "report.html").is_file()

@@ -150,7 +150,7 @@ def test_shipped_config_runs_on_the_tiny_model_of_its_family(name, kind, precisi
         "validation.heldout_reward=toy-clip",
     ]
     if precision == "no":
-        overrides += ["mixed_precision='no'", "model.dtype=float32"]
+        overrides += ["mixed_precision=no", "model.dtype=float32"]
     cfg = load_train_config(CONFIGS / f"{name}.yaml", overrides)
     assert cfg.alignprop.k == 1 and cfg.optim.lr == 1e-3 and cfg.validation.best_by == "val/heldout"
     assert train_in_process(overrides, CONFIGS / f"{name}.yaml") == out / "lora"

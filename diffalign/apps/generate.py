@@ -35,6 +35,9 @@ def generate_to_folder(
     out: str | Path,
     *,
     lora: str | Path | None = None,
+    denoiser: str | Path | None = None,
+    scales: Sequence[float] | None = None,
+    score: str | None = None,
     num_images: int = 1,
     num_steps: int | None = None,
     guidance_scale: float | None = None,
@@ -43,26 +46,67 @@ def generate_to_folder(
     device: str = "auto",
     dtype: str = "float32",
 ) -> int:
-    """`diffalign generate`: PNGs `<out>/<index>.png` with a sidecar `<index>.txt` prompt, and generate.jsonl."""
+    """`diffalign generate`: PNGs `<out>/<index>.png` with a sidecar `<index>.txt` prompt, and generate.jsonl.
+
+    With `scales` (RL guidance of the `lora` or `denoiser` model, `diffalign.apps.rlg`) every scale samples the same
+    prompts and seeds; a sweep (more than one scale) writes `<out>/rlg-<W>/` per scale and an index generate.jsonl
+    in `out`; with scales or `score` also `<out>/grid.png`, and with `score` `<out>/scores.json` and a printed table.
+    `out` is written whole and replaces an earlier generate output; any other folder is refused before any work.
+    Returns the number of images written."""
+    import contextlib
+
+    from diffalign.apps.rlg import GRID_COLUMNS, scale_name, score_row, score_table
+    from diffalign.infer.rlg import rl_guidance
     from diffalign.models import load_family
     from diffalign.processes import resolve_device
 
-    check_replaceable(out, "generate.jsonl")  # a folder generate did not write is refused before any work
-    family = load_family(model, dtype=dtype, device=resolve_device(device))
+    check_replaceable(out, "generate.jsonl")
+    device = resolve_device(device)
+    family = load_family(model, dtype=dtype, device=device)
+    finetuned = family.load_denoiser(denoiser) if denoiser is not None else None
     if lora is not None:
         family.load_lora(lora)
+    reward = None
+    if score is not None:
+        from diffalign.rewards import load_reward
+
+        reward = load_reward(score, device=device)
     all_prompts = [p for p in prompts for _ in range(num_images)]
     seeds = [seed + i for i in range(len(all_prompts))]
-    images = sample_images(
-        family,
-        all_prompts,
-        seeds,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
-        batch_size=batch_size,
-        progress=True,
-    )
     settings = sampling_settings(family, num_steps, guidance_scale)
     common = {"model": model, "lora": str(lora) if lora else None, **settings}
-    records = [{"seed": s, **common} for s in seeds]
-    return write_images(Path(out), images, all_prompts, records, "generate")
+    if denoiser is not None:
+        common["denoiser"] = str(denoiser)
+    sweep = scales is not None and len(scales) > 1
+    rows, grid_rows, index = [], [], []
+    with atomic_dir(out, marker="generate.jsonl") as tmp:
+        for scale in scales if scales is not None else [None]:
+            guided = rl_guidance(family, scale, finetuned=finetuned) if scale is not None else contextlib.nullcontext()
+            with guided:
+                images = sample_images(
+                    family, all_prompts, seeds, num_steps=num_steps, guidance_scale=guidance_scale,
+                    batch_size=batch_size, progress=True,
+                )  # fmt: skip
+            records = [{"seed": s, **({"rlg_scale": scale} if scale is not None else {}), **common} for s in seeds]
+            folder = tmp / scale_name(scale) if sweep else tmp
+            write_images(folder, images, all_prompts, records, "generate")
+            prefix = f"{scale_name(scale)}/" if sweep else ""
+            index += [
+                {"file": f"{prefix}{i:05d}.png", "prompt": p, **r} for i, (p, r) in enumerate(zip(all_prompts, records))
+            ]
+            grid_rows.append(images[:GRID_COLUMNS])
+            if reward is not None:
+                rows.append(score_row(reward, images, all_prompts, scale, device))
+        if sweep:  # the index of every image, and the mark of a folder generate wrote
+            write_text_atomic(tmp / "generate.jsonl", "".join(json.dumps(r) + "\n" for r in index))
+        if scales is not None or reward is not None:
+            import torch
+
+            from diffalign.train.common import image_grid
+
+            save_png(image_grid(torch.cat(grid_rows), columns=grid_rows[0].shape[0]), tmp / "grid.png")
+        if reward is not None:
+            write_text_atomic(tmp / "scores.json", json.dumps({"reward": score, "scales": rows}, indent=2))
+    if reward is not None:
+        print(score_table(rows, score), flush=True)
+    return len(index)

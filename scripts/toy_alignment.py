@@ -107,7 +107,7 @@ def reuse_pairs(ctx: DemoContext, path: Path) -> DemoContext:
 
     pairs = pq.read_metadata(path).num_rows
     prompts = len(ctx.train) * ctx.settings.pairs_repeats
-    return dataclasses.replace(ctx, _pairs={"path": path.resolve(), "pairs": pairs, "ties": prompts - pairs})
+    return dataclasses.replace(ctx, shared_pairs={"path": path.resolve(), "pairs": pairs, "ties": prompts - pairs})
 
 
 def with_steps(settings: DemoSettings, method: str, steps: int) -> DemoSettings:

@@ -183,3 +183,22 @@ def test_demo_verdict_names_significance_and_every_significant_regression():
     assert "proxy 52.0 -> 56.2 (+4.20 ± 0.30)" in line and line.endswith(
         "worse: colour 0.740 → 0.678 (-6.2 ± 2.0 points)"
     )
+
+
+def test_pairs_are_made_once_for_every_training_seed(monkeypatch, tmp_path):
+    """`with_seed` copies share the pairs, whichever copy makes them (the acceptance script trains 3 seeds)."""
+    from diffalign.apps import pairs as pairs_app
+
+    calls = []
+
+    def fake_make_pairs(model, prompts, reward, out, **kwargs):
+        calls.append(out)
+        return {"pairs": 7, "ties": 1}
+
+    monkeypatch.setattr(pairs_app, "make_pairs", fake_make_pairs)
+    ctx = demo.DemoContext(
+        family=None, proxy=None, heldout=[], train=["a"], settings=SMALL, work=tmp_path
+    )  # fmt: skip
+    first = ctx.with_seed(1).pairs()
+    assert ctx.with_seed(2).pairs() == first == ctx.pairs() and first["pairs"] == 7
+    assert calls == [tmp_path / "pairs.parquet"]

@@ -90,7 +90,8 @@ class DemoContext:
     base: dict[str, Any] | None = None
     loras: dict[tuple[str, int], Path] = field(default_factory=dict)
     """LoRAs the sections trained, by (method, training seed): what inference-time sections (RLG) build on."""
-    _pairs: dict[str, Any] | None = None
+    shared_pairs: dict[str, Any] = field(default_factory=dict)
+    """The pairs once made ({"path", "pairs", "ties"}): one dict shared by every `with_seed` copy (made once)."""
 
     def measure(self, num_samples: int | None = None) -> dict[str, Any]:
         """Gold and proxy metrics of the family as it is now, on the held-out prompts with the evaluation seeds (the
@@ -104,7 +105,7 @@ class DemoContext:
 
     def pairs(self) -> dict[str, Any]:
         """AI-feedback pairs on the training prompts ranked by the proxy (made once, shared by the sections)."""
-        if self._pairs is None:
+        if not self.shared_pairs:
             from diffalign.apps.pairs import make_pairs
 
             path = self.work / "pairs.parquet"
@@ -116,11 +117,12 @@ class DemoContext:
                 images_per_prompt=self.settings.images_per_prompt,
                 seed=self.pairs_seed,
             )
-            self._pairs = {"path": path, "pairs": summary.get("pairs"), "ties": summary.get("ties")}
-        return self._pairs
+            self.shared_pairs.update(path=path, pairs=summary.get("pairs"), ties=summary.get("ties"))
+        return self.shared_pairs
 
     def with_seed(self, seed: int) -> DemoContext:
-        """The same context (shared base evaluation and pairs) for another training seed."""
+        """The same context for another training seed: the base evaluation, the pairs (made once, whichever copy
+        makes them) and the recorded LoRAs are shared, not copied."""
         return dataclasses.replace(self, seed=seed)
 
 

@@ -24,7 +24,7 @@ from diffalign.errors import UserError
 TOY_MODEL = "toy"
 TOY_DEFAULTS = {"reward": "toy-clip", "num_steps": 4, "guidance_scale": 4.5}
 """ReNO on `--model toy`: the proxy reward, and 4 DDIM steps with the toy's CFG 4.5 (the toy is a 20-step model, not
-a distilled one: at 1 step its images are blurs at chance gold accuracy; see docs/readme/reno.md)."""
+a distilled one: at 1 step its images are blurs at chance gold accuracy; see the README, "reno")."""
 MARKER = "summary.json"
 
 

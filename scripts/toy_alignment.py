@@ -169,7 +169,7 @@ def main() -> None:
         "methods": results,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str))  # paths as text
     for method, result in results.items():
         if "steps" in result:
             gold = result["all_correct"]

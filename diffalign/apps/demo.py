@@ -34,11 +34,11 @@ class DemoSettings:
     """Each training prompt is used this many times by `pairs` (each time with new seeds)."""
     images_per_prompt: int
     dpo_steps: int
-    inpo_steps: int
-    """Optimizer steps of DDIM-InPO on the same pairs."""
     validation_every: int
     validation_images: int
     """Validation images per held-out prompt during training (the curves)."""
+    inpo_steps: int = 2
+    """Optimizer steps of DDIM-InPO on the same pairs (FULL and QUICK set it, as the other methods' sizes)."""
     alignprop_steps: int = 2
     """AlignProp optimizer steps (FULL and QUICK set it; the small default serves settings made elsewhere)."""
     reno_samples: int = 9

@@ -91,9 +91,8 @@ def generate_to_folder(
             folder = tmp / scale_name(scale) if sweep else tmp
             write_images(folder, images, all_prompts, records, "generate")
             prefix = f"{scale_name(scale)}/" if sweep else ""
-            index += [
-                {"file": f"{prefix}{i:05d}.png", "prompt": p, **r} for i, (p, r) in enumerate(zip(all_prompts, records))
-            ]
+            files = [f"{prefix}{i:05d}.png" for i in range(len(seeds))]
+            index += [{"file": f, "prompt": p, **r} for f, p, r in zip(files, all_prompts, records, strict=True)]
             grid_rows.append(images[:GRID_COLUMNS])
             if reward is not None:
                 rows.append(score_row(reward, images, all_prompts, scale, device))

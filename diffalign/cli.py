@@ -129,11 +129,11 @@ def generate(
     texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])
     if not texts:
         raise UserError("give at least one --prompt or a --prompts file")
-    check_replaceable(out, "generate.jsonl")
-    resolve_model(model)
     from diffalign.apps.rlg import check_rlg_inputs
 
-    scales = check_rlg_inputs(lora, denoiser, rlg_scale, rlg_sweep, score)  # before the model loads
+    scales = check_rlg_inputs(lora, denoiser, rlg_scale, rlg_sweep, score)  # folders and specs, before torch
+    check_replaceable(out, "generate.jsonl")
+    resolve_model(model)
     from diffalign.apps.generate import generate_to_folder
 
     written = generate_to_folder(

@@ -4,7 +4,7 @@ Three variants on the same batch (BATCH pairs of the toy model at RESOLUTION px,
 in its own process:
   dpo        the real Diffusion-DPO recipe (`diffalign.train.dpo.train`)
   inpo       the real DDIM-InPO recipe (`diffalign.train.inpo.train`, 10 inversion steps); the time spent inside
-             `Family.invert` is summed, so its share of the step is known
+             the inversion (`invert_pairs`) is summed, so its share of the step is known
   inversion  the bare work the inversion adds, in plain torch: the no-grad forwards of the LoRA denoiser the grid
              needs (pairs at t ~ U{0..999}: ceil(t/100) forwards each, in 10 calls of the samples still moving)
 Recipe step time = (T(n2 steps) - T(n1 steps)) / (n2 - n1) (start-up, model load and cache build cancel out); each
@@ -29,20 +29,21 @@ ROUNDS = 3
 
 
 def recipe(folder: Path, method: str) -> dict:
-    """The real recipe with the cache, timed at two lengths; for InPO also the seconds inside `Family.invert`."""
-    from diffalign.models import Family
+    """The real recipe with the cache, timed at two lengths; for InPO also the seconds inside the inversion
+    (`diffalign.train.inpo.invert_pairs`: the paper's grid, `Family.walk` steps)."""
+    from diffalign.train import inpo as inpo_recipe
 
     spent = [0.0]
-    invert = Family.invert
+    invert = inpo_recipe.invert_pairs
 
-    def timed(self, *args, **kwargs):
+    def timed(*args, **kwargs):
         started = time.perf_counter()
         try:
-            return invert(self, *args, **kwargs)
+            return invert(*args, **kwargs)
         finally:
             spent[0] += time.perf_counter() - started
 
-    Family.invert = timed
+    inpo_recipe.invert_pairs = timed
     pairs = _write_pairs(folder)
     cache = folder / "cache"
     _train(pairs, folder / "warm", 1, cache, method)  # builds the cache, untimed
@@ -113,7 +114,7 @@ def main() -> None:
     print(f"  DPO step                          {dpo * 1000:8.1f} ms")
     print(f"  InPO step                         {inpo * 1000:8.1f} ms   ({inpo / dpo:.2f} x DPO)")
     print(
-        f"  of which inside Family.invert     {best['inpo']['invert_s'] * 1000:8.1f} ms   "
+        f"  of which inside the inversion     {best['inpo']['invert_s'] * 1000:8.1f} ms   "
         f"({best['inpo']['invert_s'] / inpo:.0%} of the InPO step)"
     )
     print(f"  bare no-grad inversion forwards   {inversion * 1000:8.1f} ms")

@@ -62,20 +62,42 @@ def pair_training_charts(curves: dict[str, list[tuple[int, float]]], name: str) 
     ]
 
 
+def pair_method_run(ctx: DemoContext, method: str, steps: int) -> dict:
+    """What DPO and InPO sections share: train `method` on the shared pairs for `steps` (timed, wall and CPU), read
+    its curves and measure its LoRA. Returns pairs, lora, curves, after, train_seconds and facts."""
+    pairs = ctx.pairs()
+    run = ctx.work / method / f"seed{ctx.seed}"
+    training, cpu = time.perf_counter(), time.process_time()
+    lora = train_on_toy(ctx, method, run, steps, [f"data.source={pairs['path']}"])
+    train_seconds, train_cpu_seconds = time.perf_counter() - training, time.process_time() - cpu
+    curves = read_curves(run / "metrics.jsonl", extra=("loss", "implicit_accuracy"))
+    name = {"dpo": "DPO", "inpo": "InPO"}.get(method, method)
+    ctx.console.print(f"  measuring the {name} model on {ctx.settings.eval_samples} held-out samples (same seeds)")
+    facts = {
+        "pairs": pairs["pairs"],
+        "ties": pairs["ties"],
+        "steps": steps,
+        "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(train_cpu_seconds, 1),  # robust to other processes on a shared machine
+    }
+    after = after_lora(ctx, lora, method)
+    return {
+        "pairs": pairs,
+        "lora": lora,
+        "curves": curves,
+        "after": after,
+        "train_seconds": train_seconds,
+        "facts": facts,
+    }
+
+
 def dpo_section(ctx: DemoContext) -> SectionResult:
     """Pairs (shared), DPO training with curves, after-measurement."""
     started = time.perf_counter()
-    pairs = ctx.pairs()
-    out = ctx.work / "dpo"
     steps = ctx.settings.dpo_steps
-    run = out / f"seed{ctx.seed}"
-    training, cpu = time.perf_counter(), time.process_time()
-    lora = train_on_toy(ctx, "dpo", run, steps, [f"data.source={pairs['path']}"])
-    train_seconds, train_cpu_seconds = time.perf_counter() - training, time.process_time() - cpu
-    ctx.loras[("dpo", ctx.seed)] = lora
-    curves = read_curves(run / "metrics.jsonl", extra=("loss", "implicit_accuracy"))
-    ctx.console.print(f"  measuring the DPO model on {ctx.settings.eval_samples} held-out samples (same seeds)")
-    after = after_lora(ctx, lora, "dpo")
+    done = pair_method_run(ctx, "dpo", steps)
+    pairs, curves = done["pairs"], done["curves"]
+    ctx.loras[("dpo", ctx.seed)] = done["lora"]
     html = [
         f"<p>{pairs['pairs']} preference pairs (best vs worst of {ctx.settings.images_per_prompt} images per "
         f"training prompt, ranked by the proxy; {pairs['ties']} prompts tied), then {steps} LoRA steps with "
@@ -86,15 +108,9 @@ def dpo_section(ctx: DemoContext) -> SectionResult:
         key="dpo",
         title="Diffusion-DPO",
         optimises="LoRA on proxy-ranked preference pairs",
-        after=after,
+        after=done["after"],
         seconds=time.perf_counter() - started,
         curves=curves,
-        facts={
-            "pairs": pairs["pairs"],
-            "ties": pairs["ties"],
-            "steps": steps,
-            "train_seconds": round(train_seconds, 1),
-            "train_cpu_seconds": round(train_cpu_seconds, 1),  # robust to other processes on a shared machine
-        },
+        facts=done["facts"],
         html=html,
     )

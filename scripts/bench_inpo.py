@@ -66,6 +66,7 @@ def bare_inversion(timesteps: list) -> dict:
     import torch
 
     from diffalign.models import load_family
+    from diffalign.train.inpo import grid_counts
 
     family = load_family(_model())
     family.add_lora(rank=8)
@@ -76,7 +77,7 @@ def bare_inversion(timesteps: list) -> dict:
 
     def step(t):
         """One step's inversion forwards: a sample at t takes ceil(t/100) steps of the grid, in lockstep."""
-        counts = torch.ceil(t.float() * INVERSION_STEPS / 1000).clamp(1, INVERSION_STEPS)
+        counts = grid_counts(t, INVERSION_STEPS)
         with torch.no_grad():
             for j in range(1, INVERSION_STEPS + 1):
                 moving = (counts >= j).nonzero().squeeze(1)
@@ -100,6 +101,11 @@ def run_variant(name: str) -> dict:
     return figures
 
 
+def ms(runs: list[dict], key: str) -> str:
+    """The rounds' `key` figures in milliseconds, comma-separated."""
+    return ", ".join(f"{r[key] * 1000:.1f}" for r in runs)
+
+
 def main() -> None:
     """Run the two variants in subprocesses (interleaved rounds) and print their figures and ratios."""
     rounds: dict[str, list[dict]] = {"dpo": [], "inpo": []}
@@ -116,7 +122,6 @@ def main() -> None:
         f"inpo bench ({_model()}, {BATCH} pairs/step at {RESOLUTION}px, LoRA rank 8, cached latents, "
         f"{INVERSION_STEPS} inversion steps, {ROUNDS} rounds)"
     )
-    ms = lambda runs, key: ", ".join(f"{r[key] * 1000:.1f}" for r in runs)  # noqa: E731
     print(f"  DPO step rounds:                 {ms(rounds['dpo'], 'step_s')} ms")
     print(f"  InPO step rounds:                {ms(rounds['inpo'], 'step_s')} ms")
     print(f"  inversion inside InPO, rounds:   {ms(rounds['inpo'], 'invert_s')} ms")

@@ -70,6 +70,13 @@ def invert_pairs(
         return invert_on_grid(family, latents, cond, t, cfg.inversion_steps, cfg.eta, generator)
 
 
+def grid_counts(t: Tensor, grid_steps: int) -> Tensor:
+    """How many grid steps a sample at `t` (0..1000 scale) takes: ceil(t·grid_steps/1000), at least 1."""
+    import torch
+
+    return torch.ceil(t.float() * grid_steps / 1000).clamp(1, grid_steps)
+
+
 def invert_on_grid(
     family: Family, x0: Tensor, cond: Cond, t: Tensor, grid_steps: int, eta: float, generator: torch.Generator
 ) -> Tensor:
@@ -83,7 +90,7 @@ def invert_on_grid(
 
     from diffalign.models import cond_select
 
-    counts = torch.ceil(t.float() * grid_steps / 1000).clamp(1, grid_steps)
+    counts = grid_counts(t, grid_steps)
     x = x0.clone()
     with torch.no_grad():
         for j in range(1, grid_steps + 1):

@@ -99,7 +99,14 @@ def test_ctrl_c_says_where_the_run_resumes_from(pairs, tmp_path):
     )
     command = [sys.executable, "-m", "diffalign", "train", str(config), f"output_dir={out}"]
     proc = subprocess.Popen(
-        command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A runner started in the background (`make test &`) ignores SIGINT, and the child would inherit that: a
+        # user pressing Ctrl-C has it at its default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 300
     while time.time() < deadline and not common.complete_checkpoints(out):

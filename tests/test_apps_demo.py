@@ -77,6 +77,18 @@ def test_demo_inpo_section_trains_on_the_dpo_pairs(demo_run):
     assert "<h2>DDIM-InPO</h2>" in (out / "report.html").read_text()
 
 
+def test_demo_alignprop_section_logs_the_proxy_and_gold_curves(demo_run):
+    out, metrics = demo_run
+    alignprop = metrics["methods"]["alignprop"]
+    assert alignprop["steps"] == SMALL.alignprop_steps and alignprop["after"]["n"] == 18
+    curves = alignprop["curves"]
+    assert [step for step, _ in curves["proxy"]] == [0, 1, 2]  # validated 5 times a run, at most every step
+    assert len(curves["gold_all_correct"]) == 3 and [step for step, _ in curves["reward"]] == [1, 2]
+    html = (out / "report.html").read_text()
+    assert "<h2>AlignProp</h2>" in html and "proxy reward (toy-clip) during training" in html
+    assert "through the last 5 of 10 sampling steps (DRaFT-K)" in html
+
+
 def test_demo_rlg_section_sweeps_the_dpo_sections_lora(demo_run):
     """RLG reuses the DPO section's LoRA (no second training); w = 0 is the base, w = 1 the DPO model measured by
     the DPO section (same seeds), and the report has the sweep table, curves and grid."""

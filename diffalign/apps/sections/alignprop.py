@@ -34,7 +34,9 @@ def alignprop_section(ctx: DemoContext) -> SectionResult:
     started = time.perf_counter()
     steps = ctx.settings.alignprop_steps
     run = ctx.work / "alignprop" / f"seed{ctx.seed}"
-    lora = train_on_toy(ctx, "alignprop", run, steps)
+    # A few dozen steps (each of 32 prompts) against the pair methods' hundreds: validate and log 5 times a run.
+    every = max(1, steps // 5)
+    lora = train_on_toy(ctx, "alignprop", run, steps, extra=[f"validation.every={every}", f"log_every={every}"])
     curves = read_curves(run / "metrics.jsonl", extra=("reward",))
     best = json.loads((run / "summary.json").read_text()).get("best") or {}
     ctx.console.print(f"  measuring the AlignProp model on {ctx.settings.eval_samples} held-out samples (same seeds)")

@@ -14,10 +14,9 @@ import json, sys
 import diffalign
 from diffalign import hub
 from diffalign.apps import demo
-from diffalign.apps.sections import SECTIONS
 assert "site-packages" in diffalign.__file__, diffalign.__file__
 assert str(hub.ASSETS_DIR).startswith(sys.argv[1]) and str(hub.CONFIGS_DIR).startswith(sys.argv[1]), hub.ASSETS_DIR
-found = [m for m in SECTIONS if m in ("dpo", "inpo", "alignprop") and demo.toy_config(f"{m}/toy.yaml").is_file()]
+found = [m for m in ("dpo", "inpo", "alignprop") if demo.toy_config(f"{m}/toy.yaml").is_file()]
 # One training section end to end (the toy model, the proxy and gold rewards, a shipped config, the report): the
 # others are the same package data, and the full demo runs in-process in test_apps_demo.
 small = demo.DemoSettings(eval_samples=9, pairs_repeats=1, images_per_prompt=2, dpo_steps=1, alignprop_steps=1,

@@ -253,13 +253,12 @@ def test_generate_replaces_its_own_output_whole_and_refuses_a_foreign_folder(tmp
     import stat
 
     out = tmp_path / "gen"
-    command = [sys.executable, "-m", "diffalign", "generate", "--model", "tiny-sd", "-p", "a", "--out", str(out)]
-    run = lambda n: subprocess.run(  # noqa: E731
-        [*command, "-n", str(n)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        preexec_fn=lambda: os.umask(0o022),
-    )  # fmt: skip
-    assert run(3).returncode == 0
-    assert run(1).returncode == 0
+    umask = os.umask(0o022)
+    try:
+        assert run_cli("generate", "--model", "tiny-sd", "-p", "a", "--out", str(out), "-n", "3").returncode == 0
+        assert run_cli("generate", "--model", "tiny-sd", "-p", "a", "--out", str(out), "-n", "1").returncode == 0
+    finally:
+        os.umask(umask)
     assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00000.txt", "generate.jsonl"]
     assert len((out / "generate.jsonl").read_text().splitlines()) == 1
     assert stat.S_IMODE((out / "00000.png").stat().st_mode) == 0o644 and stat.S_IMODE(out.stat().st_mode) == 0o755

@@ -5,16 +5,12 @@ loads, the best-weights and early-stop guards."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from clitools import run_cli
+from clitools import kill_9_then_resume, run_cli
 from conftest import build_family
 from distributed import failure, launch_two_ranks
 from safetensors.torch import load_file
@@ -228,29 +224,7 @@ log_every: 1
 def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text(TINY_RUN + "max_steps: 12\ncheckpoint_every: 2\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    straight = subprocess.run(
-        train_command(config, f"output_dir={tmp_path / 'a'}"), env=env, capture_output=True, text=True, timeout=600
-    )
-    assert straight.returncode == 0, failure(straight)
-    out = tmp_path / "b"
-    proc = subprocess.Popen(
-        train_command(config, f"output_dir={out}"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(s >= 4 for s, _ in common.complete_checkpoints(out)):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = [s for s, _ in common.complete_checkpoints(out)]
-    assert done and max(done) < 12, f"the run was not interrupted in the middle ({done})"
-    resumed = subprocess.run(
-        train_command(config, f"output_dir={out}"), env=env, capture_output=True, text=True, timeout=600
-    )
-    assert resumed.returncode == 0, failure(resumed)
-    assert f"resumed from {out / 'checkpoints'}/checkpoint-{max(done)}" in resumed.stdout
-    a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
-    b = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    a, b = kill_9_then_resume(config, tmp_path, kill_at=4, max_steps=12)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from clitools import run_cli
+from clitools import kill_9_then_resume, run_cli
 from conftest import build_pipeline
 from distributed import failure, launch_two_ranks
 from pairdata import write_parquet
-from safetensors.torch import load_file
 
 from diffalign.errors import UserError
 from diffalign.train import common, load_train_config
@@ -194,31 +189,11 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(pairs_file, 
         "batch_size: 2\nmax_steps: 24\ncheckpoint_every: 4\nlog_every: 1\nreport_to: none\n"
         "optim:\n  lr: 1.0e-3\ndpo:\n  beta: 500\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    straight = subprocess.run(
-        train_command(config, f"output_dir={tmp_path / 'a'}"), env=env, capture_output=True, text=True, timeout=600
-    )
-    assert straight.returncode == 0, failure(straight)
 
-    out = tmp_path / "b"
-    proc = subprocess.Popen(
-        train_command(config, f"output_dir={out}"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(s >= 8 for s, _ in common.complete_checkpoints(out)):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = [s for s, _ in common.complete_checkpoints(out)]
-    assert done and max(done) < 24, f"the run was not interrupted in the middle ({done})"
-    (out / "checkpoints" / "checkpoint-999").mkdir()  # a half-written folder must be ignored
-    resumed = subprocess.run(
-        train_command(config, f"output_dir={out}"), env=env, capture_output=True, text=True, timeout=600
-    )
-    assert resumed.returncode == 0, failure(resumed)
-    assert f"resumed from {out / 'checkpoints'}/checkpoint-{max(done)}" in resumed.stdout
-    a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
-    b = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    def half_written_folder(out: Path) -> None:  # must be ignored by the resume
+        (out / "checkpoints" / "checkpoint-999").mkdir()
+
+    a, b = kill_9_then_resume(config, tmp_path, kill_at=8, max_steps=24, before_resume=half_written_folder)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 

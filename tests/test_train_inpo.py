@@ -4,20 +4,15 @@ on every family with stock LoRA loading, a full fine-tune, resume after kill -9,
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from clitools import kill_9_then_resume
 from conftest import build_family, build_pipeline
 from distributed import failure, launch_two_ranks
 from pairdata import write_parquet
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file
 
 from diffalign.models import Family, cond_select
 from diffalign.train import common, inpo, load_train_config
@@ -219,29 +214,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(pairs_file, 
         "batch_size: 2\nmax_steps: 10\ncheckpoint_every: 2\nlog_every: 1\nreport_to: none\n"
         "optim:\n  lr: 1.0e-3\ninpo:\n  beta: 500\n  inversion_steps: 3\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "diffalign", "train", str(config)]
-    straight = subprocess.run(
-        [*command, f"output_dir={tmp_path / 'a'}"], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert straight.returncode == 0, failure(straight)
-
-    out = tmp_path / "b"
-    proc = subprocess.Popen(
-        [*command, f"output_dir={out}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(s >= 4 for s, _ in common.complete_checkpoints(out)):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = [s for s, _ in common.complete_checkpoints(out)]
-    assert done and max(done) < 10, f"the run was not interrupted in the middle ({done})"
-    resumed = subprocess.run([*command, f"output_dir={out}"], env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, failure(resumed)
-    assert f"resumed from {out / 'checkpoints'}/checkpoint-{max(done)}" in resumed.stdout
-    a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
-    b = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    a, b = kill_9_then_resume(config, tmp_path, kill_at=4, max_steps=10)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -86,7 +86,7 @@ def test_demo_alignprop_section_logs_the_proxy_and_gold_curves(demo_run):
     assert len(curves["gold_all_correct"]) == 3 and [step for step, _ in curves["reward"]] == [1, 2]
     html = (out / "report.html").read_text()
     assert "<h2>AlignProp</h2>" in html and "proxy reward (toy-clip) during training" in html
-    assert "through the last 5 of 10 sampling steps (DRaFT-K)" in html
+    assert "through all 10 sampling steps" in html  # configs/alignprop/toy.yaml: truncation full
 
 
 def test_demo_rlg_section_sweeps_the_dpo_sections_lora(demo_run):

@@ -55,19 +55,19 @@ class DemoSettings:
 
 # Budgets on 2 CPU cores (the issue's): full <= 15 min, quick <= 5 min with all five sections. Where the time goes on
 # an idle 2-core machine: sampling ~16 images/s (pairs ~10/s: each image is also scored and encoded), a DPO step
-# ~0.37 s, an InPO step ~0.9 s (its 10 inversion forwards), an AlignProp step ~4 s (32 prompts; K = 5 of 10 steps
-# carry gradient), a ReNO iteration of 18 images ~2 s.
+# ~0.37 s, an InPO step ~0.9 s (its 10 inversion forwards), an AlignProp step ~6 s (32 prompts; all 10 sampling
+# steps carry gradient), a ReNO iteration of 18 images ~2 s.
 # Full: the pairs that gave +7.8 +- 2.1 points in 200 DPO steps (528 pairs, best of 4 of 16 x 33 prompts).
 FULL = DemoSettings(
     eval_samples=384, pairs_repeats=16, images_per_prompt=4, dpo_steps=200, inpo_steps=100, validation_every=50,
-    validation_images=4, alignprop_steps=20, reno_samples=18, reno_iters=50, rlg_scales=(0.0, 1.0, 2.0, 3.0),
+    validation_images=4, alignprop_steps=15, reno_samples=18, reno_iters=50, rlg_scales=(0.0, 1.0, 2.0, 3.0),
     rlg_samples=128,
 )  # fmt: skip
 # Quick: every method at smoke size; 264 pairs (best of 2) and 100 DPO steps move the gold score within noise
 # (measured: 264 pairs x 100 steps gave +0.0 points): the full demo is the one that shows the alignment.
 QUICK = DemoSettings(
     eval_samples=128, pairs_repeats=8, images_per_prompt=2, dpo_steps=100, inpo_steps=40, validation_every=50,
-    validation_images=2, alignprop_steps=5, reno_samples=9, reno_iters=15, rlg_scales=(0.0, 1.0, 2.0), rlg_samples=64,
+    validation_images=2, alignprop_steps=4, reno_samples=9, reno_iters=15, rlg_scales=(0.0, 1.0, 2.0), rlg_samples=64,
 )  # fmt: skip
 
 

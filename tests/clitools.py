@@ -1,6 +1,6 @@
 """Running the `diffalign` CLI as a user would: the same `main()` as the console script, with its parsing, exit
-codes and one-line errors, in this interpreter (a fresh one costs ~9 s of imports) or, when `fresh=True`, in a
-`python -m diffalign` subprocess (for what only a new process shows: imports, signals, exit-time behaviour)."""
+codes and one-line errors, in the test's own interpreter (a fresh one costs ~9 s of imports). Tests of what only a
+new process shows (imports, signals, exit-time behaviour) start one themselves."""
 
 from __future__ import annotations
 
@@ -12,37 +12,20 @@ import sys
 import traceback
 
 
-def run_cli(
-    *args: str, timeout: float = 300, env: dict | None = None, cwd=None, fresh: bool = False
-) -> subprocess.CompletedProcess:
-    """`diffalign ARGS` with HF_HUB_OFFLINE=1 (plus `env`, in `cwd`); returns its exit code and text output. In this
-    process unless `fresh` (then `timeout` applies)."""
-    full_env = {"HF_HUB_OFFLINE": "1", **(env or {})}
-    if fresh:
-        return subprocess.run(
-            [sys.executable, "-m", "diffalign", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, **full_env},
-            cwd=cwd,
-        )
-    return run_in_process(list(args), full_env, cwd)
-
-
-def run_in_process(args: list[str], env: dict, cwd=None) -> subprocess.CompletedProcess:
-    """`diffalign.cli.main(args)` with `env` set, in `cwd`, its stdout and stderr captured; an exception that escapes
-    `main` is printed as a traceback with exit code 1, as the interpreter would."""
+def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """`diffalign ARGS` in this process, with HF_HUB_OFFLINE=1 and `env` set, in `cwd`: its exit code and captured
+    text output. An exception that escapes `main` is printed as a traceback with exit code 1, as the interpreter
+    would."""
     from diffalign.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
-    os.environ.update(env)
+    os.environ.update({"HF_HUB_OFFLINE": "1", **(env or {})})
     if cwd is not None:
         os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = exit_code_of(main, args)
+            code = exit_code_of(main, list(args))
     finally:
         os.chdir(saved_cwd)
         os.environ.clear()

@@ -5,7 +5,6 @@ loads, the best-weights and early-stop guards."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -197,10 +196,6 @@ def test_best_weights_are_kept_and_a_falling_heldout_reward_stops_the_run(tmp_pa
             shutil.rmtree(folder)
     train_in_process([*tiny_overrides(tmp_path / "run"), *guards])
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
-
-
-def train_command(config: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "diffalign", "train", str(config), *overrides]
 
 
 TINY_RUN = """method: alignprop

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -176,10 +175,6 @@ def test_resuming_with_other_trainable_weights_is_a_clear_error(change, pairs_fi
     with pytest.raises(UserError, match=r"checkpoint-2 holds other trainable weights than this run .* new output_dir"):
         checkpoint = first / "checkpoints" / "checkpoint-2"
         train_in_process([*overrides, "max_steps=3", change, f"output_dir={tmp_path / 'b'}", f"resume={checkpoint}"])
-
-
-def train_command(config: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "diffalign", "train", str(config), *overrides]
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(pairs_file, tmp_path):

@@ -7,9 +7,17 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 import traceback
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from diffalign.train import common
 
 
 def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
@@ -49,19 +57,19 @@ def exit_code_of(main, args: list[str]) -> int:
     return 0
 
 
-def kill_9_then_resume(config, tmp_path, *, kill_at: int, max_steps: int, before_resume=None) -> tuple[dict, dict]:
-    """`diffalign train config` three ways: straight through into tmp_path/a (in this process); into tmp_path/b in a
-    subprocess killed with SIGKILL once a checkpoint of step >= `kill_at` is complete; then resumed into
-    tmp_path/b (in this process, after `before_resume(b)`). Asserts the kill came mid-run and the resume started from
-    the last complete checkpoint; returns the two final LoRA state dicts."""
-    import signal
-    import time
+def wait_for_checkpoint(out: Path, step: int = 1, timeout: float = 300) -> None:
+    """Poll until `out` holds a complete checkpoint of step >= `step` (a run in another process), or `timeout`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not any(s >= step for s, _ in common.complete_checkpoints(out)):
+        time.sleep(0.05)
 
-    import torch
-    from safetensors.torch import load_file
 
-    from diffalign.train import common
-
+def assert_resume_after_kill_9_is_bit_exact(config: Path, tmp_path: Path, *, kill_at: int, max_steps: int,
+                                            before_resume=None) -> None:  # fmt: skip
+    """`diffalign train config` straight through into tmp_path/a (in this process); into tmp_path/b in a subprocess
+    killed with SIGKILL once a checkpoint of step >= `kill_at` is complete, then resumed there (in this process,
+    after `before_resume(b)`). Asserts the kill came mid-run, the resume started from the last complete checkpoint,
+    and both runs end with the same LoRA weights, bit for bit."""
     straight = run_cli("train", str(config), f"output_dir={tmp_path / 'a'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "b"
@@ -69,9 +77,7 @@ def kill_9_then_resume(config, tmp_path, *, kill_at: int, max_steps: int, before
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     command = [sys.executable, "-m", "diffalign", "train", str(config), f"output_dir={out}"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(s >= kill_at for s, _ in common.complete_checkpoints(out)):
-        time.sleep(0.05)
+    wait_for_checkpoint(out, kill_at)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = [s for s, _ in common.complete_checkpoints(out)]
@@ -82,4 +88,5 @@ def kill_9_then_resume(config, tmp_path, *, kill_at: int, max_steps: int, before
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints'}/checkpoint-{max(done)}" in resumed.stdout
     weights = "lora/pytorch_lora_weights.safetensors"
-    return load_file(tmp_path / "a" / weights), load_file(out / weights)
+    a, b = load_file(tmp_path / "a" / weights), load_file(out / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import kill_9_then_resume, run_cli
+from clitools import assert_resume_after_kill_9_is_bit_exact, run_cli
 from conftest import build_family
 from distributed import failure, launch_two_ranks
 from safetensors.torch import load_file
@@ -219,8 +219,7 @@ log_every: 1
 def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text(TINY_RUN + "max_steps: 12\ncheckpoint_every: 2\n")
-    a, b = kill_9_then_resume(config, tmp_path, kill_at=4, max_steps=12)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_after_kill_9_is_bit_exact(config, tmp_path, kill_at=4, max_steps=12)
 
 
 def test_two_rank_ddp_run_keeps_ranks_identical(tmp_path):

@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from clitools import wait_for_checkpoint
 from pairdata import write_parquet
 from test_train_dpo import train_in_process
 
@@ -108,9 +108,7 @@ def test_ctrl_c_says_where_the_run_resumes_from(pairs, tmp_path):
         # user pressing Ctrl-C has it at its default.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and not common.complete_checkpoints(out):
-        time.sleep(0.1)
+    wait_for_checkpoint(out)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]

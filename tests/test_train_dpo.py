@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import kill_9_then_resume, run_cli
+from clitools import assert_resume_after_kill_9_is_bit_exact, run_cli
 from conftest import build_pipeline
 from distributed import failure, launch_two_ranks
 from pairdata import write_parquet
@@ -188,9 +188,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(pairs_file, 
     def half_written_folder(out: Path) -> None:  # must be ignored by the resume
         (out / "checkpoints" / "checkpoint-999").mkdir()
 
-    a, b = kill_9_then_resume(config, tmp_path, kill_at=8, max_steps=24, before_resume=half_written_folder)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_after_kill_9_is_bit_exact(
+        config, tmp_path, kill_at=8, max_steps=24, before_resume=half_written_folder
+    )
 
 
 def test_two_rank_ddp_run_keeps_ranks_identical(pairs_file, tmp_path):

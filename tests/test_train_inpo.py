@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import kill_9_then_resume
+from clitools import assert_resume_after_kill_9_is_bit_exact
 from conftest import build_family, build_pipeline
 from distributed import failure, launch_two_ranks
 from pairdata import write_parquet
@@ -214,8 +214,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(pairs_file, 
         "batch_size: 2\nmax_steps: 10\ncheckpoint_every: 2\nlog_every: 1\nreport_to: none\n"
         "optim:\n  lr: 1.0e-3\ninpo:\n  beta: 500\n  inversion_steps: 3\n"
     )
-    a, b = kill_9_then_resume(config, tmp_path, kill_at=4, max_steps=10)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_after_kill_9_is_bit_exact(config, tmp_path, kill_at=4, max_steps=10)
 
 
 def test_two_rank_ddp_run_keeps_ranks_identical(pairs_file, tmp_path):

@@ -156,3 +156,14 @@ def test_default_reward_is_the_papers_mix_and_the_toy_uses_its_proxy():
     }
     assert reno_defaults("stabilityai/sd-turbo") == {"reward": RENO_REWARD, "num_steps": 1, "guidance_scale": 1.0}
     assert reno_defaults("toy") == {"reward": "toy-clip", "num_steps": 4, "guidance_scale": 4.5}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_five_iterations_keep_the_noise_on_the_gaussian_shell(optimizer, turbo):
+    # Adam at torch's eps 1e-8 and SGD's lr 5.0 moved every element by ~lr an iteration (|z| from 16 to ~50): with
+    # the official eps 1e-2 and its own lr it stays on the shell |z| ~ sqrt(d), as SGD does.
+    result = reno(turbo, PROMPTS[:2], Probe(), iters=6, optimizer=optimizer)
+    d = result.noise[0].numel()
+    norms = result.curve("noise_norm")  # |z| at iterations 0..5: after 0..5 optimiser steps
+    assert torch.allclose(norms, torch.full_like(norms, d**0.5), rtol=0.05), (d**0.5, norms)
+    assert (result.curve("reward")[-1] > result.curve("reward")[0]).all()  # and it still optimises

@@ -45,7 +45,7 @@ def run_reno(
     *,
     reward: str | None = None,
     iters: int = 50,
-    lr: float = 5.0,
+    lr: float | None = None,
     num_steps: int | None = None,
     guidance_scale: float | None = None,
     starts: int = 1,
@@ -62,7 +62,7 @@ def run_reno(
 ) -> dict[str, Any] | None:
     """`diffalign reno` (see the module docstring). Every input is checked before the model loads. Returns the
     summary on the main process (None on the others)."""
-    from diffalign.infer.reno import check_settings
+    from diffalign.infer.reno import DEFAULT_LR, check_settings
     from diffalign.io import atomic_dir, check_replaceable
     from diffalign.processes import gather_to_all, process_info
     from diffalign.rewards import parse_differentiable_spec
@@ -73,6 +73,7 @@ def run_reno(
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     parse_differentiable_spec(reward, "reno --reward")
     check_settings(iters, lr, num_steps, starts, start_fraction, optimizer)
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
     if not prompts:
         raise UserError("give at least one --prompt or a --prompts file")
     out = Path(out)

@@ -43,6 +43,15 @@ the normalised ImageReward, clip = 100 cos, pickscore = exp(logit_scale) cos = 1
 them unchanged and the constants (1, 2, 100, 30) drop out (see METHODS.md, ReNO and Rewards)."""
 
 OPTIMIZERS = ("sgd", "adam")
+DEFAULT_LR = {"sgd": 5.0, "adam": 0.2}
+"""The learning rate of each optimizer unless given. SGD: the paper's 5.0. Adam: the official code
+(ExplainableML/ReNO `arguments.py`, bd6f6ac) has no lr of its own and runs Adam at the shared 5.0, which moves every
+element of z by about lr per iteration (the toy's |z| of 23 became 76 in 5 iterations, even with eps 1e-2): 0.2 is
+the largest of 0.02, 0.05, 0.1, 0.2, 0.5 that kept |z| within 2 % over 5 iterations on toy training prompts, as SGD
+at 5.0 does (README, reno)."""
+ADAM_EPS = 1e-2
+"""Adam's eps as in the official code (`training/optim.py`): with gradients clipped to norm 0.1, torch's 1e-8 would
+turn every element's update into a sign step of size lr."""
 
 
 @dataclass
@@ -135,11 +144,13 @@ def phase_lengths(iters: int, starts: int, start_fraction: float) -> tuple[int, 
     return first, iters - starts * first
 
 
-def check_settings(iters: int, lr: float, num_steps: int, starts: int, start_fraction: float, optimizer: str) -> None:
-    """One-line UserErrors for settings that cannot run."""
+def check_settings(
+    iters: int, lr: float | None, num_steps: int, starts: int, start_fraction: float, optimizer: str
+) -> None:
+    """One-line UserErrors for settings that cannot run (`lr` None: the optimizer's default)."""
     if iters < 1 or num_steps < 1 or starts < 1:
         raise UserError("reno: --iters, --steps and --starts must be at least 1")
-    if lr <= 0:
+    if lr is not None and lr <= 0:
         raise UserError(f"reno: the learning rate must be positive (got {lr})")
     if not 0 < start_fraction <= 1:
         raise UserError(f"reno: start_fraction must be in (0, 1] (got {start_fraction})")
@@ -149,9 +160,9 @@ def check_settings(iters: int, lr: float, num_steps: int, starts: int, start_fra
 
 
 def make_optimizer(noise: Tensor, optimizer: str, lr: float, momentum: float) -> torch.optim.Optimizer:
-    """The paper's SGD (momentum, Nesterov) or Adam on the noise."""
+    """The paper's SGD (momentum, Nesterov) or Adam (the official code's eps, `ADAM_EPS`) on the noise."""
     if optimizer == "adam":
-        return torch.optim.Adam([noise], lr=lr)
+        return torch.optim.Adam([noise], lr=lr, eps=ADAM_EPS)
     return torch.optim.SGD([noise], lr=lr, momentum=momentum, nesterov=momentum > 0)
 
 
@@ -198,7 +209,7 @@ def reno(
     *,
     seeds: Sequence[int] | None = None,
     iters: int = 50,
-    lr: float = 5.0,
+    lr: float | None = None,
     num_steps: int = 1,
     guidance_scale: float = 1.0,
     negative_prompt: str | None = None,
@@ -216,7 +227,7 @@ def reno(
 ) -> RenoResult:
     """Optimise the initial noise of `family` for each prompt (see the module docstring); returns a RenoResult.
 
-    Paper defaults: 50 iterations, SGD lr 5.0, momentum 0.9 (Nesterov), gradient norm clipped to 0.1, lambda_reg
+    Paper defaults: 50 iterations, SGD lr 5.0 (`lr` None: `DEFAULT_LR` of the optimizer), momentum 0.9 (Nesterov), gradient norm clipped to 0.1, lambda_reg
     0.01, one sampling step without CFG (guidance_scale 1.0; the Turbos and FLUX-schnell are distilled for it), the
     reward `RENO_REWARD`. `seeds[b]` seeds prompt b's initial noise (default: 0, 1, ...), as `sample_images` does, so
     `initial_images` are the family sampler's images for those seeds. `checkpoint` (default: when num_steps > 1)
@@ -229,6 +240,7 @@ def reno(
     if not prompts or len(seeds) != len(prompts):
         raise ValueError("reno: give at least one prompt, and one seed per prompt")
     check_settings(iters, lr, num_steps, starts, start_fraction, optimizer)
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
     reward_module = resolve_reward(reward, family)
     family.freeze()  # only the noise is optimised: no weight needs a gradient
     settings = {

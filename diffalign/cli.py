@@ -160,9 +160,7 @@ def reno(
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced).")] = Path("runs/reno"),
     iters: Annotated[int, typer.Option(min=1, help="Optimisation iterations per prompt (the paper's 50).")] = 50,
-    lr: Annotated[
-        float | None, typer.Option(help="Learning rate (default: SGD the paper's 5.0, Adam 0.2).")
-    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: SGD the paper's 5.0, Adam 0.2).")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (default 1; the toy: 4).")] = None,
     guidance_scale: Annotated[
         float | None, typer.Option("--guidance-scale", "-g", help="CFG scale (default 1 = none; the toy: 4.5).")

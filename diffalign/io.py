@@ -1,5 +1,6 @@
-"""Writing files: nothing is half-written on failure (write to a temporary sibling, then rename), and the one place
-where an image tensor becomes 8-bit pixels and encoded bytes."""
+"""Writing files: nothing is half-written on failure (write to a temporary sibling, then rename), every output gets
+the mode the user's umask gives (0666 / 0777 minus it) whichever library wrote it, and the one place where an image
+tensor becomes 8-bit pixels and encoded bytes."""
 
 from __future__ import annotations
 
@@ -21,17 +22,29 @@ def umask() -> int:
     return mask
 
 
+def apply_umask(path: str | Path) -> None:
+    """Give `path` — a file, or a folder and everything in it — the modes any tool would create under the umask
+    (files 0666, folders 0777, minus the umask). Called on every output before it is renamed into place: some
+    writers keep a private mode (safetensors 0.8 writes a 0600 temporary and renames it over the target; mkstemp
+    and mkdtemp make 0600 / 0700), and a teammate or a serving process could not read the result."""
+    mask = umask()
+    path = Path(path)
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it is renamed to `path`, on error removed. The file gets the
-    mode any tool would create (0666 minus the umask), not mkstemp's private 0600."""
+    """Yield a temporary path next to `path`; on success it is renamed to `path` with the umask's mode
+    (`apply_umask`), on error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~umask())
     os.close(fd)
     try:
         yield Path(tmp)
+        apply_umask(tmp)  # the writer may have replaced the file (safetensors does) with a private one
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -52,7 +65,7 @@ def check_replaceable(path: str | Path, marker: str) -> None:
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, marker: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; on success it replaces `path` (rename), on error it is removed. The
-    folder gets the usual mode (0777 minus the umask), not mkdtemp's private 0700.
+    folder and everything written into it get the umask's modes (`apply_umask`) before the rename.
 
     With `marker`, an existing `path` is replaced only if it is an empty folder or holds that file (i.e. it was
     written by the same command): anything else is refused up front, so `--out .` never deletes a user's folder."""
@@ -61,9 +74,9 @@ def atomic_dir(path: str | Path, marker: str | None = None) -> Iterator[Path]:
         check_replaceable(path, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700: a teammate or a web server could not read the result
     try:
         yield tmp
+        apply_umask(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

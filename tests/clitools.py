@@ -90,3 +90,26 @@ def assert_resume_after_kill_9_is_bit_exact(config: Path, tmp_path: Path, *, kil
     weights = "lora/pytorch_lora_weights.safetensors"
     a, b = load_file(tmp_path / "a" / weights), load_file(out / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+UMASK = 0o002  # not the usual 022: a writer that hard-codes 0644 shows as well as one that keeps a private 0600
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def wrong_modes(root: Path, mask: int = UMASK) -> list[str]:
+    """'path mode' of every folder and file under `root` (itself included) whose mode is not what `mask` gives."""
+    wrong = []
+    for path in [root, *root.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        mode = path.stat().st_mode & 0o777
+        if mode != want:
+            wrong.append(f"{path.relative_to(root.parent)} {mode:o} (want {want:o})")
+    return wrong

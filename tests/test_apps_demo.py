@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from clitools import run_cli
+from clitools import UMASK, run_cli, umask, wrong_modes
 from PIL import Image
 
 from diffalign.apps import demo
@@ -25,10 +25,18 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     reset_accelerate_state()
     try:
-        metrics = demo.run_demo(out, settings=SMALL)
+        with umask(UMASK):  # the demo writes every kind of output (LoRAs, checkpoints, grids, HTML) under it
+            metrics = demo.run_demo(out, settings=SMALL)
     finally:
         reset_accelerate_state()
     return out, metrics
+
+
+def test_every_file_of_the_demo_has_the_umasks_mode(demo_run):
+    out, _ = demo_run
+    assert list(out.rglob("*.safetensors")) and list(out.rglob("*.png"))
+    wrong = wrong_modes(out)
+    assert not wrong, "\n".join(wrong)
 
 
 def test_demo_writes_report_metrics_and_grids(demo_run):

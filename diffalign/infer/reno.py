@@ -227,14 +227,15 @@ def reno(
 ) -> RenoResult:
     """Optimise the initial noise of `family` for each prompt (see the module docstring); returns a RenoResult.
 
-    Paper defaults: 50 iterations, SGD lr 5.0 (`lr` None: `DEFAULT_LR` of the optimizer), momentum 0.9 (Nesterov), gradient norm clipped to 0.1, lambda_reg
-    0.01, one sampling step without CFG (guidance_scale 1.0; the Turbos and FLUX-schnell are distilled for it), the
-    reward `RENO_REWARD`. `seeds[b]` seeds prompt b's initial noise (default: 0, 1, ...), as `sample_images` does, so
-    `initial_images` are the family sampler's images for those seeds. `checkpoint` (default: when num_steps > 1)
-    recomputes each sampling step in the backward pass instead of storing it. `batch_size` prompts are optimised
-    together (default: all); the family is frozen (eval mode, no weight gradients). `monitor`: a reward
-    (differentiable or not, e.g. toy-gold) scored on every iterate without gradient and logged in the history, never
-    optimised. `on_progress(n)` is called after each iteration with the iterations of budget done."""
+    Paper defaults: 50 iterations, SGD lr 5.0 (`lr` None: `DEFAULT_LR` of the optimizer), momentum 0.9 (Nesterov),
+    gradient norm clipped to 0.1, lambda_reg 0.01, one sampling step without CFG (guidance_scale 1.0; the Turbos and
+    FLUX-schnell are distilled for it), the reward `RENO_REWARD`. `seeds[b]` seeds prompt b's initial noise
+    (default: 0, 1, ...), as `sample_images` does, so `initial_images` are the family sampler's images for those
+    seeds. `checkpoint` (default: when num_steps > 1) recomputes each sampling step in the backward pass instead of
+    storing it. `batch_size` prompts are optimised together (default: all); the family is frozen (eval mode, no
+    weight gradients). `monitor`: a reward (differentiable or not, e.g. toy-gold) scored on every iterate without
+    gradient and logged in the history, never optimised. `on_progress(n)` is called after each iteration with the
+    iterations of budget done."""
     prompts = list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
     if not prompts or len(seeds) != len(prompts):

@@ -415,6 +415,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, keep
     torch.save(state.state_dict(), tmp / f"train_state-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        from diffalign.io import apply_umask
+
+        apply_umask(tmp)  # accelerate and safetensors write some files private (0600)
         (tmp / CHECKPOINT_MARKER).write_text(
             json.dumps({"step": state.step, "time": time.time(), "processes": accelerator.num_processes})
         )

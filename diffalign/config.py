@@ -152,6 +152,9 @@ class ValidationConfig:
     num_images: int = bounded(1, ge=1)
     num_steps: int | None = bounded(None, ge=1)
     guidance_scale: float | None = bounded(None, ge=0)
+    negative_prompt: str | None = None
+    """The CFG negative prompt of the validation images; None: the method's training one where it has one
+    (AlignProp's `alignprop.negative_prompt`), else the model's stock default."""
     seed: int = 1234
     best_by: str | None = None
     """A validation metric, higher is better (e.g. val/heldout, val/heldout/all_correct): the trainable weights at its

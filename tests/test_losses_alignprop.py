@@ -48,7 +48,9 @@ def test_random_cutoff_follows_the_official_draws():
     assert min(gaussian) >= 1 and max(gaussian) <= 49  # redrawn until the last step carries gradient
     assert 40.5 < sum(gaussian) / len(gaussian) < 42.5  # int() of N(42, 5): mean ~41.5
     uniform = {truncation_cutoff("random", 50, distribution="uniform", generator=generator) for _ in range(2000)}
-    assert uniform == set(range(30, 50))  # official uniform: randint(30, 50)
+    assert uniform == set(range(1, 50))  # official HEAD uniform: randint(0, 50), redrawn while 0
+    earlier = {truncation_cutoff("random", 50, distribution="uniform", low=0.6, generator=generator) for _ in range(99)}
+    assert earlier == set(range(30, 50))  # commit b576ae7: randint(30, 50)
     assert truncation_cutoff("random", 1) == 0  # one step: it carries the gradient
 
 

@@ -20,6 +20,7 @@ from diffalign.train import common, load_train_config
 from diffalign.train.alignprop import AlignPropConfig, Sampler, alignprop_step
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "alignprop"
+PROMPT_FILE = "hps_v2_all.txt"  # the official HPD-v2 prompt list the real configs train on
 PROMPTS = ["a red circle", "a blue square"]
 
 
@@ -135,8 +136,17 @@ def test_shipped_config_runs_on_the_tiny_model_of_its_family(name, kind, precisi
     guards (best_by, early_stop) and, for SD 1.5, everything a real config turns on (half-precision frozen parts,
     bf16 autocast; 6x slower on CPU, so the other families run in float32)."""
     out = tmp_path / name
+    shipped = load_train_config(CONFIGS / f"{name}.yaml")
+    # the official settings (mihirp1998/AlignProp HEAD b22918a, hps_k1.sh) where the family samples like SD 1.5
+    assert (shipped.alignprop.reward, shipped.alignprop.k, shipped.data.source) == ("hpsv2:version=2.0", 1, PROMPT_FILE)
+    if kind in ("sd", "sdxl"):
+        assert (shipped.alignprop.num_steps, shipped.alignprop.guidance_scale, shipped.alignprop.eta) == (50, 5.0, 1.0)
+    prompts = tmp_path / PROMPT_FILE  # what a user fetches; the official list is not shipped
+    prompts.write_text("a red circle\na blue square\n")
     overrides = [
         *tiny_overrides(out, kind),
+        "data.prompts=[]",
+        f"data.source={prompts}",
         "max_steps=1",
         "gradient_accumulation_steps=1",
         "validation.prompts=[a red circle]",
@@ -271,3 +281,25 @@ def test_cli_rejects_a_bad_reward_or_source_before_loading_the_model(overrides, 
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(message) and len([line for line in lines if line.startswith("error")]) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [([], [None, None]), (["alignprop.negative_prompt=blurry"], ["blurry", "blurry"]),
+     (["alignprop.negative_prompt=blurry", "validation.negative_prompt=dark"], ["blurry", "dark"])],
+)  # fmt: skip
+def test_the_negative_prompt_conditions_training_and_by_default_validation(extra, expected, tmp_path, monkeypatch):
+    """alignprop.negative_prompt (official `negative_prompts`) is the CFG negative of the training samples and, unless
+    validation.negative_prompt is given, of the validation samples."""
+    from diffalign.models.sd import SDFamily
+
+    asked, encode = [], SDFamily.encode_negative
+
+    def spy(self, negative_prompt=None):
+        asked.append(negative_prompt)
+        return encode(self, negative_prompt)
+
+    monkeypatch.setattr(SDFamily, "encode_negative", spy)
+    overrides = [*tiny_overrides(tmp_path / "run"), "max_steps=1", "alignprop.guidance_scale=3.0", *extra]
+    train_in_process([*overrides, "validation.prompts=[a red circle]", "validation.guidance_scale=3.0"])
+    assert asked == expected  # once for training, once for the final validation

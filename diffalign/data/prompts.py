@@ -18,7 +18,8 @@ def read_prompts(path: str | Path, column: str = "prompt") -> list[str]:
     """Read prompts from `path`; blank lines of a .txt file are skipped. Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"prompt file not found: {path}")
+        where = "" if path.is_absolute() else f" (in {Path.cwd()})"
+        raise UserError(f"prompt file not found: {path}{where}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         prompts = []

@@ -50,7 +50,7 @@ def truncation_cutoff(
     distribution: Literal["gaussian", "uniform"] = "gaussian",
     mean: float = 0.84,
     std: float = 0.1,
-    low: float = 0.6,
+    low: float = 0.0,
     high: float = 1.0,
     generator: torch.Generator | None = None,
     max_draws: int = 1000,
@@ -60,9 +60,10 @@ def truncation_cutoff(
 
     - "full": 0, backpropagation through every step.
     - "last_k": N - k (DRaFT-K; k = 1 is the low-memory default), 0 if k >= N.
-    - "random": one cut-off per batch, as the official AlignProp code draws it: from a gaussian with mean `mean`·N and
-      std `std`·N (official 42 and 5 of 50 steps), or uniform in [round(low·N), round(high·N)) (official 30..50),
-      truncated to an integer and drawn again until 1 <= cut <= N - 1 (the first step never, the last always carries
+    - "random": one cut-off per batch, as the official AlignProp code draws it (mihirp1998/AlignProp b22918a,
+      `sd_pipeline.py`): from a gaussian with mean `mean`·N and std `std`·N (official 42 and 5 of 50 steps), or
+      uniform in [round(low·N), round(high·N)) (official [0, 50); commit b576ae7 used [30, 50)), truncated to an
+      integer and drawn again until 1 <= cut <= N - 1 (the first step never, the last always carries
       gradient). With N = 1 the one step carries it.
     - "lv": N, no step of the chain carries gradient (DRaFT-LV re-noises the final sample and backpropagates through
       extra final steps instead).

@@ -33,43 +33,55 @@ if TYPE_CHECKING:
 
 @dataclass
 class AlignPropConfig:
-    """AlignProp / DRaFT: the optimised reward, the sampler, where the gradient is truncated, the regulariser."""
+    """AlignProp / DRaFT: the optimised reward, the sampler, where the gradient is truncated, the regulariser.
+
+    "Official" below is the AlignProp code at its HEAD, mihirp1998/AlignProp b22918a (2024-10-06):
+    `config/alignprop_config.py` and the run scripts `hps.sh`, `hps_k1.sh`, `aesthetic.sh`, `aesthetic_k1.sh`. The
+    March 2024 code (7f4503f, `config/align_prop.py`) differed: CFG 7.5, η 0, and for the aesthetic run clip 5.0 and
+    weight decay 0.1."""
 
     reward: str = ""
-    """Differentiable reward spec to maximise (mixes allowed, e.g. hpsv2=1,aesthetic=0.05; see `diffalign rewards`)."""
+    """Differentiable reward spec to maximise (mixes allowed, e.g. hpsv2=1,aesthetic=0.05; see `diffalign rewards`).
+    Official: HPS v2.0 (`HPS_v2_compressed.pt`, hpsv2:version=2.0; diffalign's hpsv2 defaults to v2.1) or the LAION
+    aesthetic predictor."""
     reward_scale: float = bounded(1.0, gt=0)
-    """loss = -reward_scale · reward (the official code's loss_coeff is 0.01)."""
+    """loss = -reward_scale · reward (official `loss_coeff` 0.01)."""
     num_steps: int | None = bounded(None, ge=1)
-    """Sampling steps N; default: the model's (official AlignProp: 50)."""
+    """Sampling steps N; default: the model's (official `sample_num_steps` 50)."""
     guidance_scale: float | None = bounded(None, ge=0)
-    """CFG scale while sampling for training; default: the model's (official: 7.5)."""
+    """CFG scale while sampling for training; default: the model's (official `sample_guidance_scale` 5.0; the March
+    2024 code 7.5)."""
+    negative_prompt: str | None = None
+    """The CFG negative prompt while sampling for training (official `negative_prompts`, default none = the empty
+    prompt); None: the model's stock default (the empty prompt; zeros on SDXL, as its pipeline)."""
     eta: float | None = bounded(None, ge=0)
-    """DDIM η of the UNet families (official: 1.0); default: the model's. The flow families (SD3, FLUX) sample with
-    the deterministic Euler sampler: η must be 0 there."""
+    """DDIM η of the UNet families (official `sample_eta` 1.0; the March 2024 code 0); default: the model's. The flow
+    families (SD3, FLUX) sample with the deterministic Euler sampler: η must be 0 there."""
     truncation: Literal["last_k", "random", "full", "lv"] = "last_k"
-    """Which steps carry gradient: last_k (DRaFT-K, the last `k`), random (official AlignProp: one cut-off per batch
-    from `random_distribution`), full (all N), lv (DRaFT-LV: none of the chain; `lv_samples` re-noised final steps)."""
+    """Which steps carry gradient: last_k (DRaFT-K, the last `k`; K = 1 is the official `*_k1` runs' `fixed` 49 of
+    50), random (official `backprop_strategy` of `hps.sh` / `aesthetic.sh`: one cut-off per batch from
+    `random_distribution`), full (all N), lv (DRaFT-LV: none of the chain; `lv_samples` re-noised final steps)."""
     k: int = bounded(1, ge=1)
-    """K of last_k."""
+    """K of last_k (official `*_k1` runs: 1)."""
     random_distribution: Literal["gaussian", "uniform"] = "gaussian"
     """Cut-off of `random`: gaussian (mean `random_mean`·N, std `random_std`·N) or uniform in [random_min·N,
     random_max·N); redrawn until 1 <= cut-off <= N-1."""
     random_mean: float = bounded(0.84, ge=0, le=1)
-    """Official: step 42 of 50."""
+    """Official gaussian: mean step 42 of 50."""
     random_std: float = bounded(0.1, ge=0)
-    """Official: 5 of 50 steps."""
-    random_min: float = bounded(0.6, ge=0, le=1)
-    """Official uniform: 30..50 of 50 steps."""
+    """Official gaussian: std 5 of 50 steps."""
+    random_min: float = bounded(0.0, ge=0, le=1)
+    """Official uniform: `randint(0, 50)`, i.e. [0, N), redrawn to 1..N-1 (commit b576ae7 drew 30..49)."""
     random_max: float = bounded(1.0, ge=0, le=1)
     lv_samples: int = bounded(2, ge=1)
     """DRaFT-LV: how many times the final sample is re-noised to the last step's noise level and denoised again with
     gradient (the reward is averaged over them)."""
     kl_weight: float = bounded(0.0, ge=0)
     """Weight of the KL-style regulariser: mean ||pred_policy - pred_reference||² / (C·H·W) over the steps that carry
-    gradient, reference = the model without the LoRA (0 = off)."""
+    gradient, reference = the model without the LoRA (0 = off; the official code has none)."""
     checkpoint: bool = True
     """Gradient checkpointing of every denoiser call and of the VAE decode (off: faster, memory grows with the steps
-    that carry gradient)."""
+    that carry gradient; official: every UNet call checkpointed)."""
 
 
 @dataclass
@@ -80,7 +92,7 @@ class Config(TrainConfig):
     alignprop: AlignPropConfig = field(default_factory=AlignPropConfig)
     data: PromptConfig = field(default_factory=PromptConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=1e-4))
-    """Official AlignProp: AdamW, lr 1e-3, weight decay 1e-4, gradient clipping 1.0."""
+    """Official AlignProp (HEAD b22918a): AdamW, lr 1e-3, weight decay 1e-4, eps 1e-8, gradient clipping 1.0."""
 
 
 @dataclass(frozen=True)
@@ -269,6 +281,17 @@ def alignprop_step(
     return loss, metrics
 
 
+def validate_like_training(cfg: Config) -> Config:
+    """`cfg` with the validation reward and negative prompt, where unset, those of training (the optimised reward,
+    `alignprop.negative_prompt`)."""
+    validation = cfg.validation
+    if validation.prompts and not validation.reward:
+        validation = dataclasses.replace(validation, reward=cfg.alignprop.reward)
+    if validation.negative_prompt is None:
+        validation = dataclasses.replace(validation, negative_prompt=cfg.alignprop.negative_prompt)
+    return dataclasses.replace(cfg, validation=validation)
+
+
 def train(cfg: Config) -> Path:
     """Run the recipe; returns the folder of the final LoRA (or full denoiser)."""
     import torch
@@ -279,8 +302,7 @@ def train(cfg: Config) -> Path:
     from diffalign.train import common
     from diffalign.train.loop import fit
 
-    if cfg.validation.prompts and not cfg.validation.reward:  # validate with the optimised reward by default
-        cfg = dataclasses.replace(cfg, validation=dataclasses.replace(cfg.validation, reward=cfg.alignprop.reward))
+    cfg = validate_like_training(cfg)
     check_config(cfg)  # a non-differentiable or unknown reward fails here, before any model loads
     prompts = load_prompts(cfg.data)  # so does a missing prompt file
     accelerator = common.make_accelerator(cfg)
@@ -288,7 +310,7 @@ def train(cfg: Config) -> Path:
     sampler = resolve_sampler(cfg.alignprop, family, common.resolution_of(cfg, family))
     reward = load_reward(cfg.alignprop.reward, device=family.device)
     with torch.no_grad():
-        uncond = family.encode_negative() if sampler.guidance_scale != 1.0 else None
+        uncond = family.encode_negative(cfg.alignprop.negative_prompt) if sampler.guidance_scale != 1.0 else None
 
     def make_batches(position: int) -> PromptBatches:
         return PromptBatches(

@@ -554,6 +554,7 @@ class Validator:
                 seeds,
                 num_steps=self.cfg.num_steps,
                 guidance_scale=self.cfg.guidance_scale,
+                negative_prompt=self.cfg.negative_prompt,
                 batch_size=32,
                 progress=True,
                 description=f"validation at step {step}",

@@ -172,6 +172,19 @@ def reno(
     optimizer: Annotated[str, typer.Option(help="sgd (Nesterov momentum 0.9, the paper's) or adam.")] = "sgd",
     reg_weight: Annotated[float, typer.Option(help="Weight of the noise-norm regulariser (the paper's 0.01).")] = 0.01,
     grad_clip: Annotated[float, typer.Option(help="Clip the noise gradient to this norm (the paper's 0.1).")] = 0.1,
+    imageselect: Annotated[
+        bool, typer.Option(help="Best of --iters random noises under the same rewards (the paper's control).")
+    ] = False,
+    multi_step_model: Annotated[
+        str | None,
+        typer.Option(help="Re-render the initial and best noise with this model ('same': the ReNO model itself)."),
+    ] = None,
+    multi_steps: Annotated[
+        int | None, typer.Option(min=1, help="Sampling steps of --multi-step-model (default: its own).")
+    ] = None,
+    multi_guidance_scale: Annotated[
+        float | None, typer.Option(help="CFG scale of --multi-step-model (default: its own).")
+    ] = None,
     checkpoint: Annotated[
         bool | None,
         typer.Option("--checkpoint/--no-checkpoint", help="Recompute each step in backward (default: if steps > 1)."),
@@ -192,15 +205,20 @@ def reno(
     from diffalign.hub import resolve_model
 
     resolve_model(model)
+    if multi_step_model not in (None, "same"):
+        resolve_model(multi_step_model)
     from diffalign.apps.reno import run_reno
 
     summary = run_reno(
         model, texts, out, reward=reward, iters=iters, lr=lr, num_steps=steps, guidance_scale=guidance_scale,
         starts=starts, start_fraction=start_fraction, optimizer=optimizer, reg_weight=reg_weight, grad_clip=grad_clip,
-        checkpoint=checkpoint, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+        imageselect=imageselect, multi_step_model=multi_step_model, multi_steps=multi_steps,
+        multi_guidance_scale=multi_guidance_scale, checkpoint=checkpoint, seed=seed, batch_size=batch_size,
+        device=device, dtype=dtype,
     )  # fmt: skip
     if summary is not None:
-        typer.echo(f"wrote {2 * len(texts)} images and history.jsonl to {out}")
+        folders = 4 if multi_step_model else 2
+        typer.echo(f"wrote {folders * len(texts)} images and history.jsonl to {out}")
 
 
 # ------------------------------------------------------------------------------------------------------------- score

@@ -101,8 +101,9 @@ def bare(folder: Path) -> dict:
     return {"step_s": (time.perf_counter() - start) / (STEPS[1] - STEPS[0]), "peak_mb": _peak_mb()}
 
 
-def _train(pairs: Path, out: Path, steps: int, cache: Path | None, method: str = "dpo") -> float:
-    """Seconds for one in-process run of `steps` steps of the `method` recipe (a preference-pair method)."""
+def _train(pairs: Path, out: Path, steps: int, cache: Path | None, method: str = "dpo", batch: int = BATCH) -> float:
+    """Seconds for one in-process run of `steps` steps of the `method` recipe (a preference-pair method) with
+    `batch` pairs a step."""
     from diffalign.train import load_train_config, train
     from diffalign.train.common import reset_accelerate_state
 
@@ -111,7 +112,7 @@ def _train(pairs: Path, out: Path, steps: int, cache: Path | None, method: str =
         f"model.name={_model()}",
         f"data.source={pairs}",
         f"output_dir={out}",
-        f"batch_size={BATCH}",
+        f"batch_size={batch}",
         f"max_steps={steps}",
         "checkpoint_every=0",
         "report_to=none",

@@ -2,6 +2,11 @@
 
     python scripts/toy_alignment.py [--methods dpo,inpo] [--seeds 0 1 2] [--eval-samples 256] [--steps 300]
                                     [--equal-time] [--out runs/toy-align] [key=value ...]
+    python scripts/toy_alignment.py --run start inpo inpo.inversion_timestep=start \
+                                    --run destination inpo inpo.inversion_timestep=destination
+
+`--run LABEL METHOD [key=value ...]` (repeatable, instead of or after --methods) runs METHOD under the name LABEL
+with its own overrides (after the common ones), so two settings of one method compare paired on the same samples.
 
 1. The base model measured on HELD-OUT prompts: `--eval-samples` samples, gold checker and proxy, seed 10000.
 2. For each method and training seed: the demo's section for it (DPO: pairs on the TRAINING prompts ranked by the
@@ -115,6 +120,13 @@ def with_steps(settings: DemoSettings, method: str, steps: int) -> DemoSettings:
     return dataclasses.replace(settings, **{f"{method}_steps": steps})
 
 
+def variant(ctx: DemoContext, label: str, overrides: list[str], named: bool) -> DemoContext:
+    """The context of one run: the common overrides plus its own; a named run (--run) trains in its own folder."""
+    if not named:
+        return ctx
+    return dataclasses.replace(ctx, work=ctx.work / label, train_overrides=[*ctx.train_overrides, *overrides])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="dpo", help=f"comma-separated, of {', '.join(SECTIONS)}")
@@ -132,10 +144,20 @@ def main() -> None:
         help="reuse the pairs of an earlier run with the same --pairs-repeats/--images-per-prompt (its "
         "<out>/pairs.parquet) instead of making them again",
     )
+    parser.add_argument(
+        "--run",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="LABEL METHOD [key=value ...]",
+        help="a method under its own name with its own overrides (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/toy-align"))
     parser.add_argument("overrides", nargs="*", help="key=value overrides of every method's toy config")
     args = parser.parse_args()
-    methods = [m.strip() for m in args.methods.split(",")]
+    runs = [(m.strip(), m.strip(), []) for m in args.methods.split(",") if m.strip() and not args.run]
+    runs += [(label, method, overrides) for label, method, *overrides in args.run]
+    methods = [label for label, _, _ in runs]
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     settings = DemoSettings(
@@ -151,15 +173,17 @@ def main() -> None:
         ctx = reuse_pairs(ctx, args.pairs)
     ctx.base = ctx.measure()
     afters: dict = {}
-    results = {method: run_method(ctx, method, args.seeds, method, afters) for method in methods}
+    contexts = {label: variant(ctx, label, overrides, args.run) for label, _, overrides in runs}
+    results = {label: run_method(contexts[label], method, args.seeds, label, afters) for label, method, _ in runs}
     if args.equal_time:
         first = results[methods[0]]
-        for method in methods[1:]:
-            ratio = first["cpu_seconds_per_step"] / results[method]["cpu_seconds_per_step"]
+        for label, method, _ in runs[1:]:
+            ratio = first["cpu_seconds_per_step"] / results[label]["cpu_seconds_per_step"]
             steps = max(1, round(args.steps * ratio))
-            timed = dataclasses.replace(ctx, settings=with_steps(settings, method, steps), work=args.out / "equal-time")
-            label = f"{method}@equal-time"
-            results[label] = run_method(timed, method, args.seeds, label, afters)
+            timed = dataclasses.replace(
+                contexts[label], settings=with_steps(settings, method, steps), work=args.out / "equal-time" / label
+            )
+            results[f"{label}@equal-time"] = run_method(timed, method, args.seeds, f"{label}@equal-time", afters)
     for label, result in results.items():
         if label != methods[0]:
             result["versus_" + methods[0]] = versus(afters, label, methods[0], args.seeds)

@@ -1,7 +1,8 @@
-"""Does ReNO align the toy model's images, and does multi-start help at equal compute? The acceptance experiment.
+"""Does ReNO align the toy model's images, does multi-start help at equal compute, and does ReNO beat best-of-N
+random noises at equal reward evaluations? The acceptance experiment.
 
     python scripts/toy_reno.py [--seeds 8] [--iters 50] [--steps 4] [--guidance 4.5] [--lr 5] [--starts 1 4]
-                               [--start-fraction 0.5] [--out runs/toy-reno]
+                               [--start-fraction 0.5] [--imageselect] [--out runs/toy-reno]
 
 1. Images: every HELD-OUT prompt x `--seeds` noise seeds (the evaluation seeds of scripts/toy_alignment.py), the toy
    model sampled with `--steps` DDIM steps and CFG `--guidance`: the baseline, without ReNO.
@@ -10,6 +11,8 @@
 3. Paired gains (same prompts and seeds): gold all-correct, mean attributes, each attribute and the proxy, mean +-
    paired SE over all images and the spread over seeds; per prompt; where the proxy rose and the gold did not; the
    reward and gold curves by iteration; multi-start vs one start on the same images. Results in <out>/results.json.
+4. `--imageselect`: the paper's control, best of `--iters` random noises by the proxy (iteration 0 the same noise as
+   ReNO's), and ReNO (one start) minus it on the same images: equal reward evaluations, without ReNO's backward.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5.0)
     parser.add_argument("--starts", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--start-fraction", type=float, default=0.5)
+    parser.add_argument("--imageselect", action="store_true", help="also best-of-N random noises (the control)")
     parser.add_argument("--batch-size", type=int, default=36)
     parser.add_argument("--out", type=Path, default=Path("runs/toy-reno"))
     args = parser.parse_args()
@@ -125,19 +129,21 @@ def main() -> None:
     prompts = heldout * args.seeds  # seed k covers every prompt once: images k*9 .. k*9+8
     seeds = image_seeds(EVAL_SEED, len(prompts))
     runs, afters = {}, {}
-    for starts in args.starts:
+    variants = [(str(starts), {"starts": starts}) for starts in args.starts]
+    variants += [("imageselect", {"imageselect": True})] if args.imageselect else []
+    for name, variant in variants:
         t0 = time.perf_counter()
         result = reno(
             family, prompts, proxy, seeds=seeds, iters=args.iters, lr=args.lr, num_steps=args.steps,
-            guidance_scale=args.guidance, starts=starts, start_fraction=args.start_fraction, checkpoint=False,
-            batch_size=args.batch_size, monitor=monitor,
+            guidance_scale=args.guidance, start_fraction=args.start_fraction, checkpoint=False,
+            batch_size=args.batch_size, monitor=monitor, **variant,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         before = measured(result.initial_images, prompts, proxy)
         after = measured(result.images, prompts, proxy)
-        afters[starts] = after
-        runs[str(starts)] = {
-            "starts": starts,
+        afters[name] = after
+        runs[name] = {
+            **variant,
             "seconds": round(seconds, 1),
             "seconds_per_image": round(seconds / len(prompts), 2),
             "gain": paired_gain(before, after),
@@ -148,29 +154,30 @@ def main() -> None:
             "curves": curves(result),
             "mean_best_iteration": sum(result.best_iteration) / len(prompts),
         }
-        gold, gained = runs[str(starts)]["gain"]["all_correct"], runs[str(starts)]["gain"]["proxy"]
+        gold, gained = runs[name]["gain"]["all_correct"], runs[name]["gain"]["proxy"]
         print(
-            f"starts={starts}: gold all-correct {gold['before']:.3f} -> {gold['after']:.3f} ({100 * gold['gain']:+.1f} "
+            f"{name}: gold all-correct {gold['before']:.3f} -> {gold['after']:.3f} ({100 * gold['gain']:+.1f} "
             f"± {100 * gold['paired_se']:.1f} points), proxy {gained['before']:.1f} -> {gained['after']:.1f}, "
             f"{seconds:.0f} s",
             flush=True,
         )
     comparisons = {}
-    if 1 in afters:
-        for starts, after in afters.items():
-            if starts != 1:
-                comparisons[f"{starts}_vs_1"] = paired_gain(afters[1], after)
+    if "1" in afters:
+        for name, after in afters.items():
+            if name != "1":
+                comparisons[f"{name}_vs_1"] = paired_gain(afters["1"], after)
+                comparisons[f"{name}_vs_1"]["per_seed"] = per_seed(afters["1"], after, args.seeds, len(heldout))
     results = {
         "settings": vars(args) | {"out": str(args.out), "images": len(prompts), "eval_seed": EVAL_SEED},
         "runs": runs,
-        "multi_start_vs_one_start": comparisons,
+        "versus_one_start": comparisons,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     for name, comparison in comparisons.items():
         c = comparison["all_correct"]
         print(
-            f"multi-start {name} at equal compute: gold all-correct {c['before']:.3f} -> {c['after']:.3f} "
+            f"{name} (same images): gold all-correct {c['before']:.3f} -> {c['after']:.3f} "
             f"({100 * c['gain']:+.1f} ± {100 * c['paired_se']:.1f}), proxy {comparison['proxy']['gain']:+.2f} ± "
             f"{comparison['proxy']['paired_se']:.2f}"
         )

@@ -74,6 +74,25 @@ def test_reno_split_across_two_processes_merges_in_prompt_order(single_run, prom
             assert np.abs(pixels[0] - pixels[1]).max() <= 2
 
 
+def test_imageselect_and_a_multi_step_model_write_their_folders(tmp_path):
+    """--imageselect (best of --iters random noises) with --multi-step-model: the initial and the kept noise
+    re-rendered by the multi-step model at its steps, with sidecar prompts and what rendered them."""
+    out = tmp_path / "reno"
+    args = [*ARGS, "-p", PROMPTS[0], "-p", PROMPTS[1], "--imageselect", "--iters", "3"]
+    result = run_cli("reno", *args, "--multi-step-model", "tiny-sd", "--multi-steps", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "wrote 8 images" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["imageselect"] and summary["settings"]["multi_step_model"] == "tiny-sd"
+    assert all(h["grad_norm"] == 0 for h in read_jsonl(out / "history.jsonl"))
+    for folder in ("multi_step", "multi_step_initial"):
+        rows = read_jsonl(out / folder / f"{folder}.jsonl")
+        assert [r["prompt"] for r in rows] == PROMPTS[:2] and rows[0]["rendered_by"]["num_steps"] == 3
+        assert (out / folder / "00001.txt").read_text() == PROMPTS[1]
+    pixels = [np.asarray(Image.open(out / f / "00000.png")).astype(int) for f in ("reno", "multi_step")]
+    assert np.abs(pixels[0] - pixels[1]).max() > 10  # another model's rendering of the same noise
+
+
 @pytest.fixture
 def broken_model(tmp_path):
     """A pipeline folder that fails to load: an input error reported instead proves the check came first."""
@@ -106,6 +125,7 @@ def test_reno_cli_input_errors_are_one_line_with_exit_2(args, message, broken_mo
         ({"starts": 8, "iters": 10}, "raise --iters or lower --starts"),
         ({"lr": 0.0}, "learning rate must be positive"),
         ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
+        ({"imageselect": True, "starts": 2}, "takes no --starts"),
         ({"out": "precious"}, "precious exists and is not a folder this command wrote"),
     ],
 )

@@ -10,6 +10,7 @@ from conftest import build_family
 from diffalign.errors import UserError
 from diffalign.infer.reno import phase_lengths, reno
 from diffalign.infer.sample import initial_latents
+from diffalign.models import cond_select
 from diffalign.rewards import Reward, WeightedSum
 from diffalign.rewards.toy import ToyGoldReward
 
@@ -167,3 +168,46 @@ def test_five_iterations_keep_the_noise_on_the_gaussian_shell(optimizer, turbo):
     norms = result.curve("noise_norm")  # |z| at iterations 0..5: after 0..5 optimiser steps
     assert torch.allclose(norms, torch.full_like(norms, d**0.5), rtol=0.05), (d**0.5, norms)
     assert (result.curve("reward")[-1] > result.curve("reward")[0]).all()  # and it still optimises
+
+
+def test_imageselect_keeps_the_best_of_n_random_noises_without_optimising(turbo):
+    """The paper's control at equal reward evaluations: iteration i scores a fresh noise (iteration 0 the prompt's
+    own, so the baseline is ReNO's), no gradient step, and the best image is the one its own noise generates."""
+    from diffalign.infer.reno import start_seed
+
+    result = reno(turbo, PROMPTS[:2], Probe(), seeds=[3, 4], iters=5, imageselect=True)
+    assert len(result.history) == 2 * 5 and all(r["grad_norm"] == 0 for r in result.history)
+    optimised = reno(turbo, PROMPTS[:2], Probe(), seeds=[3, 4], iters=1)
+    torch.testing.assert_close(result.initial_images, optimised.initial_images)
+    cond = turbo.encode_prompts(PROMPTS[:2])
+    for b, seed in enumerate([3, 4]):
+        rewards = result.curve("reward")[:, b]
+        assert result.best_reward[b] == pytest.approx(rewards.max().item()) and result.best_iteration[b] == int(
+            rewards.argmax()
+        )
+        drawn = initial_latents(turbo, [start_seed(seed, result.best_iteration[b])])
+        torch.testing.assert_close(result.noise[b : b + 1], drawn)  # a candidate noise, not an optimised one
+        image = turbo.decode(turbo.sample(cond_select(cond, [b]), latents=drawn, num_steps=1))
+        torch.testing.assert_close(result.images[b : b + 1], image.detach(), atol=1e-5, rtol=1e-5)
+    assert len({round(v, 6) for v in result.curve("reward")[:, 0].tolist()}) == 5  # five different noises
+    with pytest.raises(UserError, match="takes no --starts"):
+        reno(turbo, PROMPTS[:1], Probe(), iters=4, starts=2, imageselect=True)
+
+
+def test_multi_step_renders_the_initial_and_the_best_noise_with_another_model(turbo):
+    """The paper's multi_apply: the optimised noise re-rendered by a multi-step model of the same latent space."""
+    from diffalign.infer.reno import MultiStep
+
+    sd = build_family("sd")
+    result = reno(turbo, PROMPTS[:2], Probe(), iters=3, multi_step=MultiStep(sd, num_steps=3, guidance_scale=2.0))
+    cond, uncond = sd.encode_prompts(PROMPTS[:2]), sd.encode_negative()
+    for noise, rendered in ((result.noise, result.multi_step_images),
+                            (initial_latents(turbo, [0, 1]), result.multi_step_initial_images)):  # fmt: skip
+        expected = sd.decode(sd.sample(cond, uncond, latents=noise, num_steps=3, guidance_scale=2.0))
+        torch.testing.assert_close(rendered, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert result.settings["multi_step"]["num_steps"] == 3
+    same = reno(turbo, PROMPTS[:1], Probe(), iters=2, multi_step=MultiStep(num_steps=2))
+    assert same.multi_step_images.shape == same.images.shape
+    flux = build_family("flux-schnell")
+    with pytest.raises(UserError, match="latents are"):
+        reno(turbo, PROMPTS[:1], Probe(), iters=1, multi_step=MultiStep(flux))

@@ -596,15 +596,20 @@ def true_target_denoiser(family, x0: torch.Tensor, noise: torch.Tensor):
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_inversion_with_a_perfect_model_is_the_forward_noising(kind, monkeypatch):
     """invert(x0, t) with a model that returns the true target equals noisy_and_target(x0, noise, t): the inversion
-    is scheduler-consistent (DDIM for eps and v UNets, reverse Euler on the flow), per-sample t included."""
+    is scheduler-consistent (DDIM for eps and v UNets, reverse Euler on the flow), per-sample t included; asking the
+    model at each step's destination too, where the true target does not depend on t (eps, flow)."""
     family = build_family(kind)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(family.latent_shape(4, 32), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     monkeypatch.setattr(family, "denoise", true_target_denoiser(family, x0, noise))
     t = family.sample_train_timesteps(4, g, "uniform")
-    inverted = family.invert(x0, family.encode_prompts(["a"] * 4), t, num_steps=10)
-    torch.testing.assert_close(inverted, family.noisy_and_target(x0, noise, t)[0], atol=1e-4, rtol=1e-4)
+    cond = family.encode_prompts(["a"] * 4)
+    forward = family.noisy_and_target(x0, noise, t)[0]
+    torch.testing.assert_close(family.invert(x0, cond, t, num_steps=10), forward, atol=1e-4, rtol=1e-4)
+    if getattr(family, "prediction_type", "flow") != "v_prediction":
+        at_destination = family.invert(x0, cond, t, num_steps=10, predict_at="destination")
+        torch.testing.assert_close(at_destination, forward, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", FAMILY_KINDS)

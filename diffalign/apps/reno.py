@@ -2,6 +2,8 @@
 
     <out>/initial/00000.png + 00000.txt ... initial.jsonl   the images of the initial noise (the model without ReNO)
     <out>/reno/00000.png + 00000.txt ...    reno.jsonl      the best image ReNO found per prompt
+    <out>/multi_step/ and multi_step_initial/               with --multi-step-model: the best and the initial noise
+                                                            re-rendered by that model (the paper's multi_apply)
     <out>/history.jsonl                                     one line per prompt, iteration (and start): each reward
                                                             component, the weighted reward, K(z), |grad|, |z|
     <out>/summary.json                                      settings and per prompt: reward before/after, best iteration
@@ -22,6 +24,8 @@ from typing import Any
 from diffalign.errors import UserError
 
 TOY_MODEL = "toy"
+SAME_MODEL = "same"
+"""`--multi-step-model same`: re-render with the ReNO model itself at more steps (the paper's FLUX-schnell 4 steps)."""
 TOY_DEFAULTS = {"reward": "toy-clip", "num_steps": 4, "guidance_scale": 4.5}
 """ReNO on `--model toy`: the proxy reward, and 4 DDIM steps with the toy's CFG 4.5 (the toy is a 20-step model, not
 a distilled one: at 1 step its images are blurs at chance gold accuracy; see the README, "reno")."""
@@ -53,6 +57,10 @@ def run_reno(
     optimizer: str = "sgd",
     reg_weight: float = 0.01,
     grad_clip: float = 0.1,
+    imageselect: bool = False,
+    multi_step_model: str | None = None,
+    multi_steps: int | None = None,
+    multi_guidance_scale: float | None = None,
     checkpoint: bool | None = None,
     seed: int = 0,
     batch_size: int = 8,
@@ -72,7 +80,7 @@ def run_reno(
     num_steps = num_steps or defaults["num_steps"]
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     parse_differentiable_spec(reward, "reno --reward")
-    check_settings(iters, lr, num_steps, starts, start_fraction, optimizer)
+    check_settings(iters, lr, num_steps, starts, start_fraction, optimizer, imageselect)
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     if not prompts:
         raise UserError("give at least one --prompt or a --prompts file")
@@ -84,7 +92,9 @@ def run_reno(
     settings = {
         "model": model, "reward": reward, "iters": iters, "lr": lr, "num_steps": num_steps,
         "guidance_scale": guidance_scale, "starts": starts, "start_fraction": start_fraction, "optimizer": optimizer,
-        "reg_weight": reg_weight, "grad_clip": grad_clip, "checkpoint": checkpoint, "seed": seed, "dtype": dtype,
+        "reg_weight": reg_weight, "grad_clip": grad_clip, "imageselect": imageselect,
+        "multi_step_model": multi_step_model, "multi_steps": multi_steps, "multi_guidance_scale": multi_guidance_scale,
+        "checkpoint": checkpoint, "seed": seed, "dtype": dtype,
     }  # fmt: skip
     if info.world > 1:
         print(f"rank {info.rank}/{info.world}: {len(share)} prompts", file=sys.stderr)
@@ -104,10 +114,18 @@ def optimise_share(
 ) -> dict[str, Any]:
     """Run ReNO on prompts[share]; returns what the main process needs (uint8 images, rewards, history)."""
     from diffalign.apps.score import progress_bar
-    from diffalign.infer.reno import reno
+    from diffalign.infer.reno import MultiStep, reno
     from diffalign.models import load_family
 
     family = load_family(model, dtype=settings["dtype"], device=device)
+    multi_step = None
+    if settings["multi_step_model"] is not None:
+        same = settings["multi_step_model"] in (SAME_MODEL, model)
+        multi_step = MultiStep(
+            family=None if same else load_family(settings["multi_step_model"], dtype=settings["dtype"], device=device),
+            num_steps=settings["multi_steps"],
+            guidance_scale=settings["multi_guidance_scale"],
+        )
     texts = [prompts[i] for i in share]
     total = -(-len(share) // batch_size) * settings["iters"] if share else 0
     with progress_bar(total, progress and sys.stderr.isatty(), label="ReNO iterations") as advance:
@@ -116,16 +134,23 @@ def optimise_share(
             lr=settings["lr"], num_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
             reg_weight=settings["reg_weight"], grad_clip=settings["grad_clip"], optimizer=settings["optimizer"],
             starts=settings["starts"], start_fraction=settings["start_fraction"], checkpoint=settings["checkpoint"],
-            batch_size=batch_size, on_progress=advance,
+            imageselect=settings["imageselect"], multi_step=multi_step, batch_size=batch_size, on_progress=advance,
         ) if share else None  # fmt: skip
     if result is None:
         return {"indices": [], "history": []}
     for record in result.history:
         record["prompt"] = share[record["prompt"]]
+    rendered = {}
+    if result.multi_step_images is not None:
+        rendered = {
+            "multi_step": as_uint8(result.multi_step_images),
+            "multi_step_initial": as_uint8(result.multi_step_initial_images),
+        }
     return {
         "indices": share,
         "initial": as_uint8(result.initial_images),
         "best": as_uint8(result.images),
+        **rendered,
         "initial_reward": result.initial_reward,
         "best_reward": result.best_reward,
         "best_iteration": result.best_iteration,
@@ -153,8 +178,9 @@ def merge_shares(parts: list[dict[str, Any]], count: int) -> dict[str, Any]:
         raise RuntimeError("reno: the processes' shares do not cover every prompt once")
     order = [position[i] for i in range(count)]
     merged: dict[str, Any] = {}
-    for key in ("initial", "best"):
-        merged[key] = torch.stack([parts[n][key][k] for n, k in order]).float() / 255
+    for key in ("initial", "best", "multi_step", "multi_step_initial"):
+        if key in parts[order[0][0]]:
+            merged[key] = torch.stack([parts[n][key][k] for n, k in order]).float() / 255
     for key in ("initial_reward", "best_reward", "best_iteration", "best_start"):
         merged[key] = [parts[n][key][k] for n, k in order]
     history = [record for part in parts for record in part["history"]]
@@ -190,6 +216,11 @@ def write_outputs(work: Path, prompts: Sequence[str], merged: dict[str, Any], se
     ]
     write_images(work / "initial", merged["initial"], prompts, initial, "initial")
     write_images(work / "reno", merged["best"], prompts, best, "reno")
+    if "multi_step" in merged:
+        rendered = {"model": settings["multi_step_model"], "num_steps": settings["multi_steps"]}
+        rendered["guidance_scale"] = settings["multi_guidance_scale"]
+        for key, rows in (("multi_step", best), ("multi_step_initial", initial)):
+            write_images(work / key, merged[key], prompts, [{**r, "rendered_by": rendered} for r in rows], key)
     lines = [json.dumps(history_row(record, prompts)) + "\n" for record in merged["history"]]
     write_text_atomic(work / "history.jsonl", "".join(lines))
     summary = {"settings": settings, "prompts": per_prompt}

@@ -14,6 +14,13 @@ gradient norm of z to `grad_clip`, one SGD step (Nesterov momentum; Adam optiona
 independently: the loss is summed over samples (each gradient is its own sample's), the clipping is per sample, and
 SGD and Adam act elementwise, so a batch gives the one-by-one results (up to float rounding of batched kernels).
 
+The paper's control and transfer step, as in the official code (ExplainableML/ReNO bd6f6ac, `training/trainer.py`,
+`models/utils.py`): `imageselect=True` is best-of-N at equal reward evaluations — each iteration scores a fresh
+random noise (iteration 0 the prompt's own, so `initial_images` are ReNO's), no gradient, and the best image is
+kept; `multi_step=MultiStep(...)` re-renders the initial and the optimised noise with a multi-step model (the
+official `multi_apply`: FLUX-schnell itself at 4 steps, SDXL base at 50 with CFG 5 for SDXL-Turbo, SD 2.1 base at
+50 with CFG 7.5 for SD-Turbo) into `multi_step_images` / `multi_step_initial_images`.
+
 Beyond the paper, multi-start (`starts=S > 1`, off by default): `start_fraction` of the iteration budget is shared
 by S initial noises per prompt (each runs start_fraction * iters / S iterations), then the start with the best reward
 seen continues (its noise and optimiser state) for the rest of the budget. The number of generator forward+backward
@@ -40,7 +47,8 @@ RENO_REWARD = "hpsv2=5,imagereward=1,clip:model=laion/CLIP-ViT-H-14-laion2B-s32B
 """The paper's reward mix (official code: HPSv2.1 5.0 on 1 - cos, ImageReward 1.0 on 2 - IR, CLIP ViT-H-14 0.01 on
 100 - 100 cos, PickScore 0.05 on 30 - 100 cos; aesthetic off). diffalign's rewards are hpsv2 = cos, imagereward =
 the normalised ImageReward, clip = 100 cos, pickscore = exp(logit_scale) cos = 100 cos, so the same weights apply to
-them unchanged and the constants (1, 2, 100, 30) drop out (see METHODS.md, ReNO and Rewards)."""
+them unchanged and the constants (1, 2, 100, 30) drop out (official code: ExplainableML/ReNO bd6f6ac, `arguments.py`
+and `rewards/*.py`)."""
 
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_LR = {"sgd": 5.0, "adam": 0.2}
@@ -79,6 +87,10 @@ class RenoResult:
     ({component: unweighted value}), regulariser K(z), grad_norm (before clipping), noise_norm, and with a
     `monitor` reward its components under monitor."""
     settings: dict[str, Any] = field(default_factory=dict)
+    multi_step_images: Tensor | None = None
+    """With `multi_step`: `noise` rendered by the multi-step model ([B, 3, H', W'], CPU)."""
+    multi_step_initial_images: Tensor | None = None
+    """With `multi_step`: the initial noise of start 0 rendered by the multi-step model."""
 
     def curve(self, key: str = "reward") -> Tensor:
         """[iterations, B]: `key` ("reward", "regulariser", "grad_norm", "noise_norm", a reward component or a
@@ -104,6 +116,17 @@ class RenoResult:
             current = torch.where(better, values[i], current)
             kept[i] = current
         return kept
+
+
+@dataclass
+class MultiStep:
+    """The model that re-renders ReNO's noise (the paper's `multi_apply`): a family whose latents have the ReNO
+    model's shape (None: the ReNO model itself), its sampling steps and CFG scale (None: its defaults)."""
+
+    family: Family | None = None
+    num_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
 
 
 def resolve_reward(reward: str | Reward, family: Family) -> Reward:
@@ -145,11 +168,19 @@ def phase_lengths(iters: int, starts: int, start_fraction: float) -> tuple[int, 
 
 
 def check_settings(
-    iters: int, lr: float | None, num_steps: int, starts: int, start_fraction: float, optimizer: str
+    iters: int,
+    lr: float | None,
+    num_steps: int,
+    starts: int,
+    start_fraction: float,
+    optimizer: str,
+    imageselect: bool = False,
 ) -> None:
     """One-line UserErrors for settings that cannot run (`lr` None: the optimizer's default)."""
     if iters < 1 or num_steps < 1 or starts < 1:
         raise UserError("reno: --iters, --steps and --starts must be at least 1")
+    if imageselect and starts > 1:
+        raise UserError("reno: --imageselect draws a new noise every iteration: it takes no --starts")
     if lr is not None and lr <= 0:
         raise UserError(f"reno: the learning rate must be positive (got {lr})")
     if not 0 < start_fraction <= 1:
@@ -220,6 +251,8 @@ def reno(
     optimizer: str = "sgd",
     starts: int = 1,
     start_fraction: float = 0.5,
+    imageselect: bool = False,
+    multi_step: MultiStep | None = None,
     checkpoint: bool | None = None,
     batch_size: int | None = None,
     monitor: Reward | None = None,
@@ -227,27 +260,29 @@ def reno(
 ) -> RenoResult:
     """Optimise the initial noise of `family` for each prompt (see the module docstring); returns a RenoResult.
 
-    Paper defaults: 50 iterations, SGD lr 5.0 (`lr` None: `DEFAULT_LR` of the optimizer), momentum 0.9 (Nesterov),
-    gradient norm clipped to 0.1, lambda_reg 0.01, one sampling step without CFG (guidance_scale 1.0; the Turbos and
-    FLUX-schnell are distilled for it), the reward `RENO_REWARD`. `seeds[b]` seeds prompt b's initial noise
-    (default: 0, 1, ...), as `sample_images` does, so `initial_images` are the family sampler's images for those
-    seeds. `checkpoint` (default: when num_steps > 1) recomputes each sampling step in the backward pass instead of
-    storing it. `batch_size` prompts are optimised together (default: all); the family is frozen (eval mode, no
-    weight gradients). `monitor`: a reward (differentiable or not, e.g. toy-gold) scored on every iterate without
-    gradient and logged in the history, never optimised. `on_progress(n)` is called after each iteration with the
-    iterations of budget done."""
+    Paper defaults: 50 iterations, SGD lr 5.0 (`lr` None: `DEFAULT_LR` of the optimizer), momentum 0.9
+    (Nesterov), gradient norm clipped to 0.1, lambda_reg 0.01, one sampling step without CFG (guidance_scale 1.0; the
+    Turbos and FLUX-schnell are distilled for it), the reward `RENO_REWARD`. `seeds[b]` seeds prompt b's initial
+    noise (default: 0, 1, ...), as `sample_images` does, so `initial_images` are the family sampler's images for
+    those seeds. `imageselect`: best of `iters` random noises instead (no optimisation). `multi_step`: re-render the
+    initial and the best noise with that model. `checkpoint` (default: when num_steps > 1) recomputes each sampling
+    step in the backward pass instead of storing it. `batch_size` prompts are optimised together (default: all); the
+    family is frozen (eval mode, no weight gradients). `monitor`: a reward (differentiable or not, e.g. toy-gold)
+    scored on every iterate without gradient and logged in the history, never optimised. `on_progress(n)` is called
+    after each iteration with the iterations of budget done."""
     prompts = list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
     if not prompts or len(seeds) != len(prompts):
         raise ValueError("reno: give at least one prompt, and one seed per prompt")
-    check_settings(iters, lr, num_steps, starts, start_fraction, optimizer)
+    check_settings(iters, lr, num_steps, starts, start_fraction, optimizer, imageselect)
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     reward_module = resolve_reward(reward, family)
     family.freeze()  # only the noise is optimised: no weight needs a gradient
     settings = {
         "iters": iters, "lr": lr, "num_steps": num_steps, "guidance_scale": guidance_scale, "reg_weight": reg_weight,
         "grad_clip": grad_clip, "momentum": momentum, "optimizer": optimizer, "starts": starts,
-        "start_fraction": start_fraction, "resolution": resolution or family.sampling_defaults["resolution"],
+        "start_fraction": start_fraction, "imageselect": imageselect,
+        "resolution": resolution or family.sampling_defaults["resolution"],
     }  # fmt: skip
     parts = []
     step = batch_size or max(1, len(prompts))
@@ -258,7 +293,26 @@ def reno(
                 negative_prompt, num_steps > 1 if checkpoint is None else checkpoint, monitor, on_progress, begin,
             )
         )  # fmt: skip
-    return _merge(parts, prompts, seeds, settings)
+    result = _merge(parts, prompts, seeds, settings)
+    if multi_step is not None:
+        render_multi_step(result, family, multi_step)
+    return result
+
+
+def render_multi_step(result: RenoResult, family: Family, multi_step: MultiStep) -> None:
+    """Fill `result.multi_step_images` / `multi_step_initial_images`: the best and the initial noise rendered by
+    `multi_step.family` (default: `family`) with its steps and CFG."""
+    from diffalign.infer.sample import sample_from_noise
+
+    target = multi_step.family or family
+    initial = initial_latents(family, result.seeds, result.settings["resolution"]).cpu()
+    options = {
+        "num_steps": multi_step.num_steps, "guidance_scale": multi_step.guidance_scale,
+        "negative_prompt": multi_step.negative_prompt,
+    }  # fmt: skip
+    result.multi_step_images = sample_from_noise(target, result.prompts, result.noise, **options)
+    result.multi_step_initial_images = sample_from_noise(target, result.prompts, initial, **options)
+    result.settings["multi_step"] = {"model": target.name, **options}
 
 
 def _merge(parts: list[RenoResult], prompts: list[str], seeds: list[int], settings: dict) -> RenoResult:
@@ -304,21 +358,27 @@ def _optimise(
     prompt_of_row = [b for b in range(count) for _ in range(starts)]
     start_of_row = [s for _ in range(count) for s in range(starts)]
     row_seeds = [start_seed(seeds[b], s) for b, s in zip(prompt_of_row, start_of_row, strict=True)]
-    noise = initial_latents(family, row_seeds, settings["resolution"]).float().requires_grad_(True)
-    opt = make_optimizer(noise, kind, lr, momentum)
+    select = settings["imageselect"]
+    noise = initial_latents(family, row_seeds, settings["resolution"]).float().requires_grad_(not select)
+    opt = None if select else make_optimizer(noise, kind, lr, momentum)
     tracker = _Tracker(count)
     history: list[dict[str, Any]] = []
     initial: dict[str, Any] = {}
 
-    def iterate(it: int, noise: Tensor, opt: torch.optim.Optimizer) -> None:
+    def iterate(it: int, noise: Tensor, opt: torch.optim.Optimizer | None) -> None:
+        """One iteration: generate, score, keep the best; then one optimiser step (none when selecting)."""
         rows_prompts = [prompts[b] for b in prompt_of_row]
         cond = cond_select(cond_all, torch.tensor(prompt_of_row, device=family.device))
-        opt.zero_grad(set_to_none=True)
-        latents = family.sample(
-            cond, uncond, latents=noise, num_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
-            checkpoint=checkpoint,
-        )  # fmt: skip
-        images = family.decode(latents)
+        if opt is None and it > 0:  # best-of-N: a fresh noise per iteration, iteration 0 the prompt's own
+            noise = initial_latents(family, [start_seed(seed, it) for seed in row_seeds], settings["resolution"])
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(opt is not None):
+            latents = family.sample(
+                cond, uncond, latents=noise, num_steps=settings["num_steps"],
+                guidance_scale=settings["guidance_scale"], checkpoint=checkpoint,
+            )  # fmt: skip
+            images = family.decode(latents)
         components = reward.components(images, rows_prompts)
         if weights is None:
             loss = reno_loss({"reward": reward.combine(components)}, {"reward": 1.0}, noise, settings["reg_weight"])
@@ -329,8 +389,11 @@ def _optimise(
             initial.setdefault("images", images.detach().float().cpu()[::starts].clone())
             initial.setdefault("reward", weighted.cpu()[::starts].tolist())
         tracker.update(prompt_of_row, start_of_row, it, weighted, images, noise)
-        loss.total.sum().backward()
-        grad_norms = clip_grad_rows_(noise.grad, settings["grad_clip"])
+        if opt is None:
+            grad_norms = torch.zeros(len(prompt_of_row))
+        else:
+            loss.total.sum().backward()
+            grad_norms = clip_grad_rows_(noise.grad, settings["grad_clip"])
         values = {name: value.detach().float().cpu().tolist() for name, value in components.items()}
         regulariser = loss.regulariser.detach().cpu().tolist()
         watched = {}
@@ -347,7 +410,8 @@ def _optimise(
                 "noise_norm": noise_norms[row],
                 **({"monitor": {k: v[row] for k, v in watched.items()}} if watched else {}),
             })  # fmt: skip
-        opt.step()
+        if opt is not None:
+            opt.step()
 
     for it in range(first):
         iterate(it, noise, opt)

@@ -66,15 +66,50 @@ def sample_images(
             batch_seeds = seeds[start : start + batch_size]
             cond = cond_select(cond_all, torch.tensor([position[p] for p in batch_prompts]))
             generator = torch.Generator().manual_seed(int(batch_seeds[0]) + 7919)
-            latents = family.sample(
-                cond,
-                uncond,
-                latents=initial_latents(family, batch_seeds, settings["resolution"]),
-                num_steps=settings["num_steps"],
-                guidance_scale=settings["guidance_scale"],
-                eta=settings["eta"],
-                generator=generator,
-                predict=predict if progress else None,
-            )
-            chunks.append(family.decode(latents).cpu())
+            latents = initial_latents(family, batch_seeds, settings["resolution"])
+            hook = predict if progress else None
+            chunks.append(sample_batch(family, cond, uncond, latents, settings, generator, hook))
+    return torch.cat(chunks)
+
+
+def sample_batch(family: Family, cond, uncond, latents: Tensor, settings: dict, generator=None, predict=None) -> Tensor:
+    """Images [B,3,H,W] in [0,1] (on the CPU) from the initial `latents` with the family's sampler and `settings`
+    (`sampling_settings`: num_steps, guidance_scale, eta)."""
+    out = family.sample(
+        cond, uncond, latents=latents, num_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
+        eta=settings["eta"], generator=generator, predict=predict,
+    )  # fmt: skip
+    return family.decode(out).cpu()
+
+
+@torch.no_grad()
+def sample_from_noise(
+    family: Family,
+    prompts: Sequence[str],
+    noise: Tensor,
+    *,
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+    negative_prompt: str | None = None,
+    batch_size: int = 16,
+) -> Tensor:
+    """Images [N,3,H,W] in [0,1] for prompts[i] from the initial noise `noise[i]` ([N, C, h, w], unit variance as
+    `initial_latents` draws it) with the family's deterministic sampler (eta 0) and its defaults unless overridden:
+    e.g. ReNO's optimised noise rendered by a multi-step model. A noise of another shape than the family's latents
+    is a one-line UserError."""
+    from diffalign.errors import UserError
+
+    expected = family.latent_shape(1, noise.shape[-1] * family.vae_scale_factor)[1:]
+    if tuple(noise.shape[1:]) != tuple(expected):
+        raise UserError(
+            f"the noise has shape {tuple(noise.shape[1:])} but this {family.name} model's latents are {tuple(expected)}"
+            ": render it with a model of the same latent space (channels and VAE factor)"
+        )
+    settings = sampling_settings(family, num_steps, guidance_scale, 0.0)
+    uncond = family.encode_negative(negative_prompt) if settings["guidance_scale"] != 1.0 else None
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        cond = family.encode_prompts(list(prompts[start : start + batch_size]))
+        latents = noise[start : start + batch_size].to(family.device, torch.float32)
+        chunks.append(sample_batch(family, cond, uncond, latents, settings))
     return torch.cat(chunks)

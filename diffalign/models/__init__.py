@@ -9,7 +9,7 @@ import torch
 
 from diffalign.errors import UserError
 from diffalign.hub import TINY_PREFIX, offline, quiet_hf_logs, resolve_model
-from diffalign.models.base import Cond, Family, Schedule, cond_cat, cond_expand, cond_select, cond_to
+from diffalign.models.base import Cond, Family, PredictAt, Schedule, cond_cat, cond_expand, cond_select, cond_to
 from diffalign.models.flux import FluxFamily
 from diffalign.models.sd import SDFamily
 from diffalign.models.sd3 import SD3Family
@@ -21,6 +21,7 @@ SAMPLING_DEFAULTS_FILE = "diffalign.json"
 """Optional file in a pipeline folder with sampling defaults (num_steps, guidance_scale, eta, resolution)."""
 
 __all__ = [
+    "PredictAt",
     "FAMILIES",
     "Cond",
     "Family",

@@ -26,7 +26,7 @@ import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.utils.checkpoint
@@ -36,6 +36,8 @@ from diffalign.errors import UserError, error_text
 from diffalign.hub import check_denoiser_folder, check_lora_folder, quiet_hf_logs
 
 Cond = dict[str, Tensor]
+PredictAt = Literal["start", "destination"]
+"""Where an inversion step a -> b asks the model: at t_a or at t_b (see `Family.walk`)."""
 PredictFn = Callable[..., Tensor]
 """predict(x, t, cond, uncond, guidance_scale) -> prediction, the signature of `Family.predict`."""
 
@@ -359,17 +361,22 @@ class Family:
         num_steps: int = 10,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        predict_at: PredictAt = "start",
     ) -> Tensor:
         """DDIM inversion (UNet families) / reverse Euler on the flow (SD3, FLUX) of clean latents `x0` to timesteps
         `t_end` ([B] or one number, 0..1000 scale) in `num_steps` steps, without gradient, with the model as it is
-        now (adapters on). The grid is t_i = i·t_end/num_steps per sample; each step predicts at its start.
+        now (adapters on). The grid is t_i = i·t_end/num_steps per sample; each step asks the model at its start
+        timestep, or at its destination (`predict_at`, see `walk`).
 
-        With a perfect model (one that returns the true noise) the result is exactly the forward-noised latent
-        `noisy_and_target(x0, noise, t_end)[0]`. With `eta` > 0, after each step N(0, I)·eta·σ_i is added (InPO, Lu
-        et al. 2025): σ_i is the DDIM step std of that step (UNet) or sqrt(σ_{i+1}² - σ_i²) on the flow.
+        With a perfect model (one that returns the true target) the result is exactly the forward-noised latent
+        `noisy_and_target(x0, noise, t_end)[0]`; asking at the destination it is exact for ε-prediction and flow
+        models (whose true target does not depend on t), not for v-prediction. With `eta` > 0, after each step
+        N(0, I)·eta·σ_i is added (InPO, Lu et al. 2025): σ_i is the DDIM step std of that step (UNet) or
+        sqrt(σ_{i+1}² - σ_i²) on the flow.
         """
         t_end = torch.as_tensor(t_end, dtype=torch.float32, device=x0.device).reshape(-1).expand(x0.shape[0])
-        return self.walk(x0, cond, torch.zeros_like(t_end), t_end, num_steps, eta=eta, generator=generator)
+        zero = torch.zeros_like(t_end)
+        return self.walk(x0, cond, zero, t_end, num_steps, eta=eta, generator=generator, predict_at=predict_at)
 
     def walk(
         self,
@@ -380,14 +387,21 @@ class Family:
         num_steps: int,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        predict_at: PredictAt = "start",
     ) -> Tensor:
         """Move latents `x` at timesteps `t_from` to `t_to` ([B] each, 0 = clean) in `num_steps` deterministic steps
         along the linear grid (DDIM for UNets, Euler for flow; the same update both ways): t_to > t_from inverts,
-        t_to < t_from denoises. `eta` > 0 adds noise after each step (inversion only)."""
+        t_to < t_from denoises. `eta` > 0 adds noise after each step (inversion only).
+
+        `predict_at`: where each step a -> b asks the model, with the latent at a. "start": at t_a, the sampler's
+        rule (a denoising walk is the DDIM / Euler sampler). "destination": at t_b, as diffusers'
+        `DDIMInverseScheduler` inverts (the first step never asks for the noise of a clean latent at t = 0); the
+        prediction is read with t_a's coefficients either way, as that scheduler does (for v-prediction an
+        approximation even of a perfect model)."""
         for i in range(num_steps):
             t_a = t_from + (t_to - t_from) * (i / num_steps)
             t_b = t_from + (t_to - t_from) * ((i + 1) / num_steps)
-            pred = self.predict(x, self.model_timesteps(t_a), cond)
+            pred = self.predict(x, self.model_timesteps(t_a if predict_at == "start" else t_b), cond)
             x, std = self.walk_step(x, pred, t_a, t_b)
             if eta > 0:
                 x = x + eta * std * torch.randn(x.shape, generator=generator).to(x)

@@ -13,8 +13,10 @@ loop, checkpoints and logging are DPO's (`diffalign.train.dpo.train_on_pairs`).
 The inversion grid. The official code (JaydenLyh/InPO train.py) walks the global DDIM grid of 10 steps (stride 100)
 up to the last grid point below t — 0 to 10 steps, about 5 on average — and reparametrises with ᾱ_t anyway. Here a
 sample at t takes the same number of steps, ceil(t/100) for 10 steps, evenly spaced from 0 to t, so it lands exactly
-on t (`invert_on_grid`): the official cost, without the mismatch. Inverting every sample in all 10 steps
-(`Family.invert` as it is) would cost about twice as much.
+on t (`invert_on_grid`): the official cost, without the mismatch. The samples of a batch step in lockstep, and a
+process makes as many denoiser calls as its slowest sample needs (the most over all processes, so collectives stay
+matched). Each step asks the model at its destination timestep, as the official code's `DDIMInverseScheduler` does
+(`inversion_timestep`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
-    from diffalign.models import Cond, Family
+    from diffalign.models import Cond, Family, PredictAt
 
 
 @dataclass
@@ -47,6 +49,10 @@ class InPOConfig(DPOConfig):
     deterministic inversion."""
     inverter: Literal["policy", "reference"] = "policy"
     """Which model inverts: the current policy with its adapters (the paper and its code) or the frozen reference."""
+    inversion_timestep: Literal["start", "destination"] = "destination"
+    """Where each inversion step a -> b asks the model, with the latent at a: at t_b ("destination", the official
+    code through diffusers' DDIMInverseScheduler) or at t_a ("start": the first step then asks for the noise of the
+    clean latent at t = 0)."""
 
 
 @dataclass
@@ -67,7 +73,9 @@ def invert_pairs(
     import contextlib
 
     with family.reference() if cfg.inverter == "reference" else contextlib.nullcontext():
-        return invert_on_grid(family, latents, cond, t, cfg.inversion_steps, cfg.eta, generator)
+        return invert_on_grid(
+            family, latents, cond, t, cfg.inversion_steps, cfg.eta, generator, predict_at=cfg.inversion_timestep
+        )
 
 
 def grid_counts(t: Tensor, grid_steps: int) -> Tensor:
@@ -78,31 +86,54 @@ def grid_counts(t: Tensor, grid_steps: int) -> Tensor:
 
 
 def invert_on_grid(
-    family: Family, x0: Tensor, cond: Cond, t: Tensor, grid_steps: int, eta: float, generator: torch.Generator
+    family: Family,
+    x0: Tensor,
+    cond: Cond,
+    t: Tensor,
+    grid_steps: int,
+    eta: float,
+    generator: torch.Generator | None,
+    predict_at: PredictAt = "destination",
 ) -> Tensor:
     """`Family.invert` along the paper's grid: steps of at most 1000/`grid_steps` timesteps, so a sample at t takes
     n = ceil(t·grid_steps/1000) of them (1 to grid_steps; on average about half of grid_steps), evenly spaced from
     0 to its own t, where it lands exactly. The samples step in lockstep: call j moves those with n >= j, one
-    `Family.walk` step each (eta noise included), so every process makes exactly `grid_steps` denoiser calls
-    whatever its timesteps (DDP buffer syncs and FSDP all-gathers stay matched); a call with no sample left to
-    move is a discarded one-sample prediction."""
+    `Family.walk` step each (eta noise included), so a batch costs max(n) denoiser calls, what its slowest sample
+    needs. Under several processes every process makes the most calls any of them needs (DDP buffer syncs and FSDP
+    all-gathers are collectives and must stay matched); a process whose samples have all arrived makes one-sample
+    calls that are discarded, and a single process never does."""
     import torch
 
     from diffalign.models import cond_select
 
     counts = grid_counts(t, grid_steps)
+    calls = most_over_processes(int(counts.max()), x0.device)
     x = x0.clone()
     with torch.no_grad():
-        for j in range(1, grid_steps + 1):
+        for j in range(1, calls + 1):
             moving = (counts >= j).nonzero().squeeze(1)
             if len(moving) == 0:
                 family.predict(x[:1], family.model_timesteps(t[:1]), cond_select(cond, slice(0, 1)))
                 continue
             t_end, n = t[moving].float(), counts[moving]
             x[moving] = family.walk(
-                x[moving], cond_select(cond, moving), t_end * (j - 1) / n, t_end * j / n, 1, eta, generator
-            )
+                x[moving], cond_select(cond, moving), t_end * (j - 1) / n, t_end * j / n, 1, eta, generator,
+                predict_at=predict_at,
+            )  # fmt: skip
     return x
+
+
+def most_over_processes(value: int, device: torch.device) -> int:
+    """The largest `value` of all processes of the default process group (`value` itself in a single process):
+    one all-reduce, a collective every process must call."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    most = torch.tensor([value], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
 
 
 def inpo_step(

@@ -15,7 +15,7 @@ $(PY):
 
 # The stamp is rebuilt whenever pyproject.toml changes. Torch is then held at the installed distribution's
 # version, read from package metadata (torch.__version__ carries a +cuXXX label that pip's resolver does not match).
-$(VENV)/.diffalign-installed: pyproject.toml | $(PY)
+$(VENV)/.diffalign-installed: pyproject.toml setup.py | $(PY)
 ifeq ($(SKIP_TORCH),0)
 	$(PY) -m pip install $(TORCH_PINS)
 endif

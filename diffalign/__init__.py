@@ -5,9 +5,10 @@ lazy imports inside functions included):
 
   0  errors, io, hub, processes    utilities (errors users can cause, atomic writes and image encoding, model and
                                    asset lookup, ranks under accelerate launch)
-  1  losses, gym, config           losses: pure tensor math, one file per paper (imports torch only); gym: the toy
+  1  losses, gym, config, methods  losses: pure tensor math, one file per paper (imports torch only); gym: the toy
                                    shapes world and its gold checker (numpy/torch, no diffusers); config: the typed
-                                   YAML loader and the settings every training method shares
+                                   YAML loader and the settings every training method shares; methods: one record
+                                   per method, which everything else iterates over
   2  models, rewards               models: the ONE layer that knows UNet vs transformer (SD, SDXL, SD3, FLUX);
                                    rewards: differentiable image rewards, one registry (never imports diffusers or
                                    models; the toy rewards use gym)
@@ -29,6 +30,7 @@ LAYERS: dict[str, int] = {
     "losses": 1,
     "gym": 1,
     "config": 1,
+    "methods": 1,
     "models": 2,
     "rewards": 2,
     "data": 3,

@@ -169,7 +169,7 @@ class TrainConfig:
     (beside its recipe in `diffalign.train`) adds its sections."""
 
     method: str = ""
-    """The training method (see `diffalign.train.METHODS`)."""
+    """The training method: a training record of `diffalign.methods.METHODS` (its recipe and config class)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -116,3 +116,17 @@ def save_png(image: Any, path: str | Path) -> None:
     data = encode_image(image)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def image_grid(images: Any, columns: int | None = None) -> Any:
+    """[N,3,H,W] -> one [3, rows*H, columns*W] grid image (columns default: about the square root of N)."""
+    import math
+
+    import torch
+
+    n = images.shape[0]
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    pad = torch.zeros(rows * columns - n, *images.shape[1:], dtype=images.dtype)
+    full = torch.cat([images, pad]).reshape(rows, columns, *images.shape[1:])
+    return full.permute(2, 0, 3, 1, 4).reshape(images.shape[1], rows * images.shape[2], columns * images.shape[3])

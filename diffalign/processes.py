@@ -78,3 +78,13 @@ def resolve_device(device: str | None, info: ProcessInfo | None = None) -> str:
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {device}: MPS is not available here; use --device cpu (or auto)")
     return str(parsed)
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so another `Accelerator` can be made in this process (training
+    several runs in one process: the demo, the acceptance scripts, tests)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

@@ -8,8 +8,8 @@
     python scripts/bench.py rlg       # RLG sampling time vs plain CFG sampling (scripts/bench_rlg.py, target <= 2.10)
     python scripts/bench.py all       # every bench, in order
 
-Add a bench: write a function printing its figures and register it in BENCHES, or a scripts/bench_<name>.py with a
-main() and add its name to METHOD_BENCHES.
+A method's bench is scripts/bench_<name>.py with a main(), run when its record in `diffalign.methods.METHODS` says
+`bench=True`; another bench is a function printing its figures, registered in BENCHES.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from diffalign.methods import METHODS  # noqa: E402
 
 SCORE_IMAGES, SCORE_SIZE, SCORE_BATCH, SCORE_ROUNDS = 128, 256, 32, 3
 SCORE_WORDS = "a photo of red green blue circle square triangle on white black background".split()
@@ -145,7 +147,7 @@ def bench_score() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- methods
-METHOD_BENCHES = ("dpo", "inpo", "alignprop", "reno", "rlg")
+METHOD_BENCHES = tuple(name for name, method in METHODS.items() if method.bench)
 """Benches in their own scripts/bench_<name>.py (each with a main() printing its figures)."""
 
 

@@ -68,7 +68,8 @@ def memory(num_steps: int) -> dict:
     """Peak memory of three recipe steps (forward, backward, optimizer) at `num_steps` sampling steps."""
     import torch
 
-    from diffalign.train.alignprop import AlignPropConfig, Sampler, alignprop_step
+    from diffalign.train.alignprop import AlignPropConfig, alignprop_step
+    from diffalign.train.sampler import Sampler
 
     family, params, reward, uncond = _setup()
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -155,8 +156,8 @@ def bare(folder: Path) -> dict:
 
 def _train(out: Path, steps: int) -> float:
     """Seconds for one in-process recipe run of `steps` steps."""
+    from diffalign.processes import reset_accelerate_state
     from diffalign.train import load_train_config, train
-    from diffalign.train.common import reset_accelerate_state
 
     overrides = [
         "method=alignprop",

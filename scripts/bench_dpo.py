@@ -104,8 +104,8 @@ def bare(folder: Path) -> dict:
 def _train(pairs: Path, out: Path, steps: int, cache: Path | None, method: str = "dpo", batch: int = BATCH) -> float:
     """Seconds for one in-process run of `steps` steps of the `method` recipe (a preference-pair method) with
     `batch` pairs a step."""
+    from diffalign.processes import reset_accelerate_state
     from diffalign.train import load_train_config, train
-    from diffalign.train.common import reset_accelerate_state
 
     overrides = [
         f"method={method}",

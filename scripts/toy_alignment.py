@@ -36,8 +36,8 @@ from pathlib import Path
 
 from diffalign.apps.demo import PROXY, DemoContext, DemoSettings
 from diffalign.apps.evaluate import paired_gain
-from diffalign.apps.sections import SECTIONS, section
 from diffalign.gym.world import heldout_prompts, train_prompts
+from diffalign.methods import METHODS, training_methods
 from diffalign.models import load_family
 from diffalign.rewards import load_reward
 
@@ -90,7 +90,7 @@ def run_method(ctx: DemoContext, method: str, seeds: list[int], label: str, afte
     per-image scores of each after-measurement go to `afters[(label, seed)]`."""
     runs = []
     for seed in seeds:
-        result = section(method)(ctx.with_seed(seed))
+        result = METHODS[method].section_function()(ctx.with_seed(seed))
         run = {"seed": seed, "seconds": round(result.seconds, 1), **paired_gain(ctx.base, result.after)}
         run |= {key: result.facts[key] for key in TIMING if key in result.facts}
         runs.append(run)
@@ -115,11 +115,6 @@ def reuse_pairs(ctx: DemoContext, path: Path) -> DemoContext:
     return dataclasses.replace(ctx, shared_pairs={"path": path.resolve(), "pairs": pairs, "ties": prompts - pairs})
 
 
-def with_steps(settings: DemoSettings, method: str, steps: int) -> DemoSettings:
-    """`settings` with `steps` optimizer steps for `method` (its `<method>_steps` field)."""
-    return dataclasses.replace(settings, **{f"{method}_steps": steps})
-
-
 def variant(ctx: DemoContext, label: str, overrides: list[str], named: bool) -> DemoContext:
     """The context of one run: the common overrides plus its own; a named run (--run) trains in its own folder."""
     if not named:
@@ -129,7 +124,7 @@ def variant(ctx: DemoContext, label: str, overrides: list[str], named: bool) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="dpo", help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--methods", default="dpo", help=f"comma-separated, of {', '.join(training_methods())}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--pairs-repeats", type=int, default=24)
@@ -162,8 +157,7 @@ def main() -> None:
     started = time.perf_counter()
     settings = DemoSettings(
         eval_samples=args.eval_samples, pairs_repeats=args.pairs_repeats, images_per_prompt=args.images_per_prompt,
-        dpo_steps=args.steps, inpo_steps=args.steps, alignprop_steps=args.steps, validation_every=100,
-        validation_images=1,
+        validation_every=100, validation_images=1, sizes={m: {"steps": args.steps} for m in training_methods()},
     )  # fmt: skip
     ctx = DemoContext(
         family=load_family("toy"), proxy=load_reward(PROXY), heldout=heldout_prompts(), train=train_prompts(),
@@ -181,7 +175,7 @@ def main() -> None:
             ratio = first["cpu_seconds_per_step"] / results[label]["cpu_seconds_per_step"]
             steps = max(1, round(args.steps * ratio))
             timed = dataclasses.replace(
-                contexts[label], settings=with_steps(settings, method, steps), work=args.out / "equal-time" / label
+                contexts[label], settings=settings.with_size(method, steps=steps), work=args.out / "equal-time" / label
             )
             results[f"{label}@equal-time"] = run_method(timed, method, args.seeds, f"{label}@equal-time", afters)
     for label, result in results.items():

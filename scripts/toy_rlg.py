@@ -27,7 +27,7 @@ import torch
 
 from diffalign.apps.demo import PROXY, DemoContext, DemoSettings
 from diffalign.apps.evaluate import evaluate
-from diffalign.apps.sections.dpo import train_on_toy
+from diffalign.apps.sections.toy_training import train_on_toy
 from diffalign.gym.world import heldout_prompts, train_prompts
 from diffalign.infer.rlg import parse_scales, rl_guidance
 from diffalign.models import load_family
@@ -124,7 +124,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = DemoSettings(
         eval_samples=args.eval_samples, pairs_repeats=args.pairs_repeats, images_per_prompt=args.images_per_prompt,
-        dpo_steps=args.steps, validation_every=100, validation_images=1,
+        validation_every=100, validation_images=1, sizes={"dpo": {"steps": args.steps}},
     )  # fmt: skip
     ctx = DemoContext(
         family=load_family("toy"), proxy=load_reward(PROXY), heldout=heldout_prompts(), train=train_prompts(),

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from diffalign.train import common
+from diffalign.train import checkpoint
 
 
 def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
@@ -60,7 +60,7 @@ def exit_code_of(main, args: list[str]) -> int:
 def wait_for_checkpoint(out: Path, step: int = 1, timeout: float = 300) -> None:
     """Poll until `out` holds a complete checkpoint of step >= `step` (a run in another process), or `timeout`."""
     deadline = time.time() + timeout
-    while time.time() < deadline and not any(s >= step for s, _ in common.complete_checkpoints(out)):
+    while time.time() < deadline and not any(s >= step for s, _ in checkpoint.complete_checkpoints(out)):
         time.sleep(0.05)
 
 
@@ -80,7 +80,7 @@ def assert_resume_after_kill_9_is_bit_exact(config: Path, tmp_path: Path, *, kil
     wait_for_checkpoint(out, kill_at)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = [s for s, _ in common.complete_checkpoints(out)]
+    done = [s for s, _ in checkpoint.complete_checkpoints(out)]
     assert done and max(done) < max_steps, f"the run was not interrupted in the middle ({done})"
     if before_resume is not None:
         before_resume(out)

@@ -11,12 +11,14 @@ from PIL import Image
 
 from diffalign.apps import demo
 from diffalign.apps.sections import dpo as dpo_section
+from diffalign.apps.sections import toy_training
 from diffalign.gym.world import heldout_prompts, train_prompts
-from diffalign.train.common import reset_accelerate_state
+from diffalign.processes import reset_accelerate_state
 
 SMALL = demo.DemoSettings(
-    eval_samples=18, pairs_repeats=1, images_per_prompt=2, dpo_steps=4, inpo_steps=2, validation_every=2,
-    validation_images=1,
+    eval_samples=18, pairs_repeats=1, images_per_prompt=2, validation_every=2, validation_images=1,
+    sizes={"dpo": {"steps": 4}, "inpo": {"steps": 2}, "alignprop": {"steps": 2}, "reno": {"samples": 9, "iters": 3},
+           "rlg": {"scales": (0.0, 1.0, 2.0), "samples": 64, "scale": 2.0}},
 )  # fmt: skip
 
 
@@ -126,7 +128,7 @@ def test_rlg_section_trains_dpo_itself_only_without_a_recorded_lora(monkeypatch,
         trained.append((method, out, steps, extra))
         return out / "lora"
 
-    monkeypatch.setattr(dpo_section, "train_on_toy", fake_train)
+    monkeypatch.setattr(toy_training, "train_on_toy", fake_train)
     ctx = SimpleNamespace(
         loras={}, seed=3, work=tmp_path, settings=SMALL, console=demo.Console(stderr=True),
         pairs=lambda: {"path": tmp_path / "pairs.parquet"},

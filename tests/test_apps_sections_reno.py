@@ -14,9 +14,8 @@ from diffalign.models import load_family
 from diffalign.rewards import load_reward
 
 SETTINGS = demo.DemoSettings(
-    eval_samples=9, pairs_repeats=1, images_per_prompt=2, dpo_steps=1, inpo_steps=1, validation_every=1,
-    validation_images=1,
-    reno_samples=9, reno_iters=3,
+    eval_samples=9, pairs_repeats=1, images_per_prompt=2, validation_every=1, validation_images=1,
+    sizes={"reno": {"samples": 9, "iters": 3}},
 )  # fmt: skip
 
 

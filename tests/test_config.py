@@ -148,7 +148,8 @@ def test_rendered_config_shows_each_keys_help_and_loads_back(tmp_path):
     cfg = load_train_config(write(tmp_path, "method: dpo\n"), ["dpo.beta=2000", "validation.prompts=[a b, c]"])
     text = render_config(cfg)
     assert "# Diffusion-DPO (Wallace et al. 2023)" in text  # a section's docstring
-    assert "# float, > 0\n  beta: 2000.0" in text  # type and bounds (a field without help text)
+    assert "# float, > 0: β of inside = -(β/2)·((e_w - e_l) - (r_w - r_l))" in text  # type, bounds, help
+    assert "\n  beta: 2000.0\n" in text
     assert "# float, >= 0 and <= 0.5: Conservative DPO label smoothing for the sigmoid loss (0 = off).\n" in text
     assert "# str | None: Another VAE (hub id or folder)" in text  # help text of a base field
     (tmp_path / "shown.yaml").write_text(text)

@@ -10,15 +10,15 @@ from pathlib import Path
 from clitools import UMASK, run_cli, umask, wrong_modes
 from pairdata import write_parquet
 
-from diffalign.train import common
+from diffalign.processes import reset_accelerate_state
 
 
 def train(*overrides: str) -> None:
-    common.reset_accelerate_state()
+    reset_accelerate_state()
     try:
         result = run_cli("train", str(Path(__file__).parent / "dpo_base.yaml"), *overrides)
     finally:
-        common.reset_accelerate_state()
+        reset_accelerate_state()
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -55,7 +55,7 @@ def test_every_command_writes_files_with_the_umasks_modes(tmp_path):
     checkpoint = outputs["lora-run"] / "checkpoints" / "checkpoint-2"
     for must in (
         outputs["lora-run"] / "lora" / "pytorch_lora_weights.safetensors",
-        checkpoint / common.TRAINABLE_FILE,
+        checkpoint / checkpoint.TRAINABLE_FILE,
         outputs["lora-run"] / "best",
         outputs["full-run"] / "denoiser" / "config.json",
         outputs["pairs"] / "pairs.parquet",

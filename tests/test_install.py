@@ -3,6 +3,7 @@ the toy assets and the shipped configs install under <prefix>/share/diffalign an
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,11 +17,12 @@ from diffalign import hub
 from diffalign.apps import demo
 assert "site-packages" in diffalign.__file__, diffalign.__file__
 assert str(hub.ASSETS_DIR).startswith(sys.argv[1]) and str(hub.CONFIGS_DIR).startswith(sys.argv[1]), hub.ASSETS_DIR
-found = [m for m in ("dpo", "inpo", "alignprop") if demo.toy_config(f"{m}/toy.yaml").is_file()]
+from diffalign.methods import training_methods
+found = [m for m in training_methods() if demo.toy_config(f"{m}/toy.yaml").is_file()]
 # One training section end to end (the toy model, the proxy and gold rewards, a shipped config, the report): the
 # others are the same package data, and the full demo runs in-process in test_apps_demo.
-small = demo.DemoSettings(eval_samples=9, pairs_repeats=1, images_per_prompt=2, dpo_steps=1, alignprop_steps=1,
-                          validation_every=2, validation_images=1)
+small = demo.DemoSettings(eval_samples=9, pairs_repeats=1, images_per_prompt=2, validation_every=2, validation_images=1,
+                          sizes={"alignprop": {"steps": 1}})
 metrics = demo.run_demo(sys.argv[2], settings=small, methods=["alignprop"])
 print(json.dumps({"configs": found, "methods": list(metrics["methods"])}))
 """
@@ -44,5 +46,7 @@ def test_a_wheel_install_runs_the_demo_from_another_directory(tmp_path):
         cwd=tmp_path / "elsewhere", env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert '{"configs": ["dpo", "inpo", "alignprop"], "methods": ["alignprop"]}' in result.stdout
+    from diffalign.methods import training_methods
+
+    assert json.dumps({"configs": training_methods(), "methods": ["alignprop"]}) in result.stdout
     assert (tmp_path / "demo" / "report.html").is_file()

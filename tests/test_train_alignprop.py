@@ -15,9 +15,11 @@ from distributed import failure, launch_two_ranks
 from safetensors.torch import load_file
 
 from diffalign.errors import UserError
+from diffalign.processes import reset_accelerate_state
 from diffalign.rewards import load_reward
-from diffalign.train import common, load_train_config
-from diffalign.train.alignprop import AlignPropConfig, Sampler, alignprop_step
+from diffalign.train import checkpoint, load_train_config
+from diffalign.train.alignprop import AlignPropConfig, alignprop_step
+from diffalign.train.sampler import Sampler
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "alignprop"
 PROMPT_FILE = "hps_v2_all.txt"  # the official HPD-v2 prompt list the real configs train on
@@ -27,11 +29,11 @@ PROMPTS = ["a red circle", "a blue square"]
 def train_in_process(overrides: list[str], config: Path | None = None) -> Path:
     from diffalign.train import train
 
-    common.reset_accelerate_state()
+    reset_accelerate_state()
     try:
         return train(load_train_config(config, ["method=alignprop", *overrides]))
     finally:
-        common.reset_accelerate_state()
+        reset_accelerate_state()
 
 
 def tiny_overrides(out: Path, kind: str = "sd") -> list[str]:
@@ -199,7 +201,7 @@ def test_best_weights_are_kept_and_a_falling_heldout_reward_stops_the_run(tmp_pa
     assert any(not torch.equal(kept[key], final[key]) for key in kept)
     # resuming the stopped run from checkpoint-2 (its monitor state included) stops at the same step
     (tmp_path / "run" / "summary.json").unlink()
-    for step, folder in common.complete_checkpoints(tmp_path / "run"):
+    for step, folder in checkpoint.complete_checkpoints(tmp_path / "run"):
         if step == 3:
             import shutil
 

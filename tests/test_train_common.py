@@ -1,5 +1,6 @@
-"""What every training run shares (diffalign/train/common.py and loop.py): the output folder is never mixed or
-replaced silently, validation cadence, Ctrl-C says where to resume, the watched metric (best weights, early stop)."""
+"""What every training run shares (diffalign/train/run_dir.py, checkpoint.py, validation.py and loop.py): the output
+folder is never mixed or replaced silently, validation cadence, Ctrl-C says where to resume, the watched metric (best
+weights, early stop)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from test_train_dpo import train_in_process
 
 from diffalign.config import ValidationConfig
 from diffalign.errors import UserError
-from diffalign.train import common
-from diffalign.train.common import BestTracker, check_best_by
+from diffalign.train import run_dir
+from diffalign.train.validation import BestTracker, check_best_by
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_a_run_with_other_settings_is_never_continued_into_the_same_folder(pairs
     assert (out / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == before
     tiny_run(out, pairs[1], "dpo.beta=100", "overwrite=true")
     assert metric_steps(out) == [1, 2]  # replaced, not appended to
-    assert json.loads((out / common.RUN_FILE).read_text())["dpo.beta"] == 100.0
+    assert json.loads((out / run_dir.RUN_FILE).read_text())["dpo.beta"] == 100.0
 
 
 def test_resume_none_over_a_run_is_refused_unless_overwrite(pairs, tmp_path):

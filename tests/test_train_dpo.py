@@ -14,17 +14,18 @@ from distributed import failure, launch_two_ranks
 from pairdata import write_parquet
 
 from diffalign.errors import UserError
-from diffalign.train import common, load_train_config
+from diffalign.processes import reset_accelerate_state
+from diffalign.train import checkpoint, load_train_config, run_log
 
 
 def train_in_process(overrides: list[str], config: Path | None = None) -> Path:
     from diffalign.train import load_train_config, train
 
-    common.reset_accelerate_state()
+    reset_accelerate_state()
     try:
         return train(load_train_config(config or DPO_BASE, overrides))
     finally:
-        common.reset_accelerate_state()
+        reset_accelerate_state()
 
 
 DPO_BASE = Path(__file__).parent / "dpo_base.yaml"
@@ -147,23 +148,23 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(pa
         "optim.max_grad_norm=0",
         "validation.prompts=[]",
     ]
-    with pytest.raises(common.TrainingDiverged, match=r"loss became (nan|inf) at step 2; .*checkpoint-1"):
+    with pytest.raises(run_log.TrainingDiverged, match=r"loss became (nan|inf) at step 2; .*checkpoint-1"):
         train_in_process(overrides)
-    assert [step for step, _ in common.complete_checkpoints(out)] == [1]
+    assert [step for step, _ in checkpoint.complete_checkpoints(out)] == [1]
     assert not (out / "lora").exists()
 
 
 def test_partial_checkpoints_are_never_resumed(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "checkpoint-4").mkdir(parents=True)
-    (root / "checkpoint-4" / common.CHECKPOINT_MARKER).write_text(json.dumps({"step": 4}))
+    (root / "checkpoint-4" / checkpoint.CHECKPOINT_MARKER).write_text(json.dumps({"step": 4}))
     (root / "checkpoint-9").mkdir()  # no marker: written by a crashed run or copied half-way
     (root / ".tmp-checkpoint-8").mkdir()
-    (root / ".tmp-checkpoint-8" / common.CHECKPOINT_MARKER).write_text(json.dumps({"step": 8}))
-    assert common.resolve_resume(tmp_path, "auto") == root / "checkpoint-4"
-    assert common.resolve_resume(tmp_path, "none") is None
+    (root / ".tmp-checkpoint-8" / checkpoint.CHECKPOINT_MARKER).write_text(json.dumps({"step": 8}))
+    assert checkpoint.resolve_resume(tmp_path, "auto") == root / "checkpoint-4"
+    assert checkpoint.resolve_resume(tmp_path, "none") is None
     with pytest.raises(UserError, match="not a complete diffalign checkpoint"):
-        common.resolve_resume(tmp_path, str(root / "checkpoint-9"))
+        checkpoint.resolve_resume(tmp_path, str(root / "checkpoint-9"))
 
 
 @pytest.mark.parametrize("change", ["lora.rank=2", "lora.targets=[to_q]"])

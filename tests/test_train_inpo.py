@@ -15,7 +15,8 @@ from pairdata import write_parquet
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from diffalign.models import Family, cond_select
-from diffalign.train import common, inpo, load_train_config
+from diffalign.processes import reset_accelerate_state
+from diffalign.train import inpo, load_train_config
 from diffalign.train.dpo import DPOConfig, dpo_step
 from diffalign.train.inpo import InPOConfig, inpo_step
 
@@ -23,11 +24,11 @@ from diffalign.train.inpo import InPOConfig, inpo_step
 def train_in_process(overrides: list[str]) -> Path:
     from diffalign.train import train
 
-    common.reset_accelerate_state()
+    reset_accelerate_state()
     try:
         return train(load_train_config(None, ["method=inpo", *overrides]))
     finally:
-        common.reset_accelerate_state()
+        reset_accelerate_state()
 
 
 @pytest.fixture(scope="module")
@@ -216,13 +217,13 @@ def test_a_shipped_config_runs_on_cpu_with_the_tiny_model_of_its_family(pairs_fi
     ]  # fmt: skip
     cfg = load_train_config(config, overrides)
     assert cfg.data.streaming and cfg.gradient_checkpointing and cfg.mixed_precision == "bf16"
-    common.reset_accelerate_state()
+    reset_accelerate_state()
     try:
         from diffalign.train import train
 
         assert train(cfg) == out / "lora"
     finally:
-        common.reset_accelerate_state()
+        reset_accelerate_state()
 
 
 def test_full_finetune_with_the_reference_inverting_saves_the_denoiser(pairs_file, tmp_path):

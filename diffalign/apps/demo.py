@@ -1,11 +1,11 @@
 """`diffalign demo`: the methods run end to end on the toy shapes world, with an HTML report.
 
 The base model is measured once on held-out prompts (gold checker and proxy reward, fixed seeds); then each selected
-method section (`diffalign.apps.sections.SECTIONS`, DPO first) runs its method on the toy world and is measured with
-the SAME seeds, so every before/after comparison is paired. Sections share what they can (the base evaluation, the
-preference pairs). The report has one part per section and ends with one table comparing the methods on the same
-gold metric. Writes report.html, metrics.json and PNG grids; the output folder is replaced only on success.
-"""
+method's section (the records of `diffalign.methods.METHODS`, DPO first) runs its method on the toy world and is
+measured with the SAME seeds, so every before/after comparison is paired. Sections share what they can (the base
+evaluation, the preference pairs). The report has one part per section and ends with one table comparing the methods
+on the same gold metric. Writes report.html, metrics.json and PNG grids; the output folder is replaced only on
+success."""
 
 from __future__ import annotations
 
@@ -26,31 +26,37 @@ PROXY = "toy-clip"
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """How much work each section does."""
+    """How much work the demo does: the shared measurement and data sizes, and each method's own sizes
+    (`sizes[method]`, e.g. {"steps": 200}; the full and quick demos take them from the method records)."""
 
     eval_samples: int
     """Samples on held-out prompts for the before/after measurement (same seeds before and after)."""
     pairs_repeats: int
     """Each training prompt is used this many times by `pairs` (each time with new seeds)."""
     images_per_prompt: int
-    dpo_steps: int
     validation_every: int
     validation_images: int
     """Validation images per held-out prompt during training (the curves)."""
-    inpo_steps: int = 2
-    """Optimizer steps of DDIM-InPO on the same pairs (FULL and QUICK set it, as the other methods' sizes)."""
-    alignprop_steps: int = 2
-    """AlignProp optimizer steps (FULL and QUICK set it; the small default serves settings made elsewhere)."""
-    reno_samples: int = 9
-    """ReNO: held-out images optimised (cycling over the held-out prompts, the first evaluation seeds)."""
-    reno_iters: int = 3
-    """ReNO: optimisation iterations per image (the paper's 50). The defaults are a smoke-sized run."""
-    rlg_scales: tuple[float, ...] = (0.0, 1.0, 2.0)
-    """RL-guidance scales swept with the DPO LoRA (0 = the base model, 1 = the DPO model)."""
-    rlg_samples: int = 64
-    """Samples per sweep point (the first of the evaluation seeds, so every point is paired with the base)."""
-    rlg_scale: float = 2.0
-    """The RLG scale measured on all `eval_samples`: the section's result in the comparison table."""
+    sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per method, the sizes its section reads (`size`)."""
+
+    def size(self, method: str, key: str) -> Any:
+        """The size `key` of `method`'s section; a one-line error when these settings do not give it."""
+        try:
+            return self.sizes[method][key]
+        except KeyError:
+            raise UserError(f"demo settings: no {key!r} size for {method} (give sizes[{method!r}][{key!r}])") from None
+
+    def with_size(self, method: str, **sizes: Any) -> DemoSettings:
+        """These settings with `method`'s sizes updated."""
+        return dataclasses.replace(self, sizes={**self.sizes, method: {**self.sizes.get(method, {}), **sizes}})
+
+
+def preset(kind: str, **shared: Any) -> DemoSettings:
+    """The full or quick demo: the shared sizes given and every method's `full` / `quick` sizes from its record."""
+    from diffalign.methods import METHODS
+
+    return DemoSettings(**shared, sizes={name: dict(getattr(m, kind)) for name, m in METHODS.items()})
 
 
 # Budgets on 2 CPU cores (the issue's): full <= 15 min, quick <= 5 min with all five sections. Where the time goes on
@@ -58,17 +64,12 @@ class DemoSettings:
 # ~0.37 s, an InPO step ~0.9 s (its 10 inversion forwards), an AlignProp step ~6 s (32 prompts; all 10 sampling
 # steps carry gradient), a ReNO iteration of 18 images ~2 s.
 # Full: the pairs that gave +7.8 +- 2.1 points in 200 DPO steps (528 pairs, best of 4 of 16 x 33 prompts).
-FULL = DemoSettings(
-    eval_samples=384, pairs_repeats=16, images_per_prompt=4, dpo_steps=200, inpo_steps=100, validation_every=50,
-    validation_images=4, alignprop_steps=15, reno_samples=18, reno_iters=50, rlg_scales=(0.0, 1.0, 2.0, 3.0),
-    rlg_samples=128,
-)  # fmt: skip
+FULL = preset("full", eval_samples=384, pairs_repeats=16, images_per_prompt=4, validation_every=50, validation_images=4)
 # Quick: every method at smoke size; 264 pairs (best of 2) and 100 DPO steps move the gold score within noise
 # (measured: 264 pairs x 100 steps gave +0.0 points): the full demo is the one that shows the alignment.
-QUICK = DemoSettings(
-    eval_samples=128, pairs_repeats=8, images_per_prompt=2, dpo_steps=100, inpo_steps=40, validation_every=50,
-    validation_images=2, alignprop_steps=4, reno_samples=9, reno_iters=15, rlg_scales=(0.0, 1.0, 2.0), rlg_samples=64,
-)  # fmt: skip
+QUICK = preset(
+    "quick", eval_samples=128, pairs_repeats=8, images_per_prompt=2, validation_every=50, validation_images=2
+)
 
 
 @dataclass
@@ -173,15 +174,15 @@ def run_demo(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run the demo into `out` (replacing a previous demo there only once it has succeeded); returns its metrics."""
-    from diffalign.apps.sections import SECTIONS, section
     from diffalign.gym.world import heldout_prompts, train_prompts
+    from diffalign.methods import METHODS
     from diffalign.models import load_family
     from diffalign.rewards import load_reward
 
-    methods = methods or list(SECTIONS)
-    unknown = [m for m in methods if m not in SECTIONS]
+    methods = methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise UserError(f"demo --methods: unknown {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+        raise UserError(f"demo --methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
     console = console or Console(stderr=True)
     settings = settings or (QUICK if quick else FULL)
     out = Path(out)
@@ -199,8 +200,8 @@ def run_demo(
         base_seconds = round(time.perf_counter() - started, 1)
         results = []
         for n, key in enumerate(methods, start=2):
-            console.print(f"[bold]{n}/{steps} {SECTIONS[key].title}[/]")
-            result = section(key)(ctx)
+            console.print(f"[bold]{n}/{steps} {METHODS[key].title}[/]")
+            result = METHODS[key].section_function()(ctx)
             console.print(f"  {result.title}: {result.seconds:.0f} s")
             results.append(result)
         metrics = demo_metrics(ctx, results, quick, base_seconds, time.perf_counter() - started)
@@ -283,8 +284,7 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def save_grid(result: dict[str, Any], path: Path) -> None:
-    from diffalign.io import save_png
-    from diffalign.train.common import image_grid
+    from diffalign.io import image_grid, save_png
 
     save_png(image_grid(result["images"][:64], columns=8), path)
 

@@ -101,7 +101,7 @@ def generate_to_folder(
         if scales is not None or reward is not None:
             import torch
 
-            from diffalign.train.common import image_grid
+            from diffalign.io import image_grid
 
             save_png(image_grid(torch.cat(grid_rows), columns=grid_rows[0].shape[0]), tmp / "grid.png")
         if reward is not None:

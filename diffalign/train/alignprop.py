@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from diffalign.config import OptimConfig, PromptConfig, TrainConfig, bounded
+from diffalign.train.sampler import Sampler, checkpointed, resolve_sampler
 
 if TYPE_CHECKING:
     import torch
@@ -95,49 +96,19 @@ class Config(TrainConfig):
     """Official AlignProp (HEAD b22918a): AdamW, lr 1e-3, weight decay 1e-4, eps 1e-8, gradient clipping 1.0."""
 
 
-@dataclass(frozen=True)
-class Sampler:
-    """The sampler settings of training, resolved against the model's defaults."""
-
-    num_steps: int
-    guidance_scale: float
-    eta: float
-    resolution: int
-
-
 def check_config(cfg: Config) -> None:
     """What can be checked before any model loads: the optimised reward is differentiable (a one-line UserError
     naming it otherwise), the validation rewards parse."""
     from diffalign.errors import UserError
     from diffalign.rewards import parse_differentiable_spec
-    from diffalign.train import common
+    from diffalign.train import validation
 
     if not cfg.alignprop.reward:
         raise UserError("alignprop.reward: give the differentiable reward to maximise, e.g. alignprop.reward=hpsv2")
     parse_differentiable_spec(cfg.alignprop.reward, "alignprop.reward")
     if cfg.alignprop.random_min >= cfg.alignprop.random_max:
         raise UserError("alignprop.random_min must be below alignprop.random_max")
-    common.check_rewards(cfg)
-
-
-def resolve_sampler(cfg: AlignPropConfig, family: Family, resolution: int) -> Sampler:
-    """The training sampler: the config's settings, else the model's defaults. η > 0 on a deterministic (flow Euler)
-    sampler is a UserError, never silently ignored."""
-    from diffalign.errors import UserError
-
-    defaults = family.sampling_defaults
-    eta = defaults["eta"] if cfg.eta is None else cfg.eta
-    if eta > 0 and not family.stochastic_sampler:
-        raise UserError(
-            f"alignprop.eta={eta}: {family.name} samples with the deterministic flow-matching Euler sampler, where "
-            "η does not exist; set alignprop.eta=0"
-        )
-    return Sampler(
-        num_steps=cfg.num_steps or defaults["num_steps"],
-        guidance_scale=defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale,
-        eta=eta,
-        resolution=resolution,
-    )
+    validation.check_rewards(cfg)
 
 
 class PredictionRecorder:
@@ -166,17 +137,6 @@ class PredictionRecorder:
         drift = prediction_drift([call[-1] for call in self.calls], reference)
         self.calls = []
         return drift.to(self.family.device)
-
-
-def checkpointed(function, *args, enabled: bool = True):
-    """`function(*args)`, recomputed in the backward pass instead of keeping its activations when `enabled` and
-    gradients are on."""
-    import torch
-    import torch.utils.checkpoint
-
-    if enabled and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
-    return function(*args)
 
 
 def score(family: Family, reward: Reward, latents: Tensor, prompts: list[str], checkpoint: bool) -> dict[str, Tensor]:
@@ -299,15 +259,19 @@ def train(cfg: Config) -> Path:
     from diffalign.data.loader import PromptBatches
     from diffalign.data.prompts import load_prompts
     from diffalign.rewards import load_reward
-    from diffalign.train import common
+    from diffalign.train import setup
     from diffalign.train.loop import fit
 
     cfg = validate_like_training(cfg)
     check_config(cfg)  # a non-differentiable or unknown reward fails here, before any model loads
     prompts = load_prompts(cfg.data)  # so does a missing prompt file
-    accelerator = common.make_accelerator(cfg)
-    family, params = common.load_model(cfg, accelerator)
-    sampler = resolve_sampler(cfg.alignprop, family, common.resolution_of(cfg, family))
+    accelerator = setup.make_accelerator(cfg)
+    family, params = setup.load_model(cfg, accelerator)
+    settings = cfg.alignprop
+    sampler = resolve_sampler(
+        family, setup.resolution_of(cfg, family), num_steps=settings.num_steps,
+        guidance_scale=settings.guidance_scale, eta=settings.eta, section="alignprop",
+    )  # fmt: skip
     reward = load_reward(cfg.alignprop.reward, device=family.device)
     with torch.no_grad():
         uncond = family.encode_negative(cfg.alignprop.negative_prompt) if sampler.guidance_scale != 1.0 else None

@@ -8,7 +8,7 @@ families, reverse Euler on the flow for SD3/FLUX) in `inversion_steps` steps, ad
 step; the family's reparametrised target of the inverted latent (`Family.implied_target`: ε̂, v̂ or the flow
 velocity, `diffalign.losses.inpo`) is then regressed at the inverted latent by policy and reference, and the
 Diffusion-DPO loss of their errors (`diffalign.losses.dpo.dpo_loss`, same β convention) is the loss. Data, cache,
-loop, checkpoints and logging are DPO's (`diffalign.train.dpo.train_on_pairs`).
+loop, checkpoints and logging are shared with DPO (`diffalign.train.pair_training`).
 
 The inversion grid. The official code (JaydenLyh/InPO train.py) walks the global DDIM grid of 10 steps (stride 100)
 up to the last grid point below t — 0 to 10 steps, about 5 on average — and reparametrises with ᾱ_t anyway. Here a
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from diffalign.config import DataConfig, TimestepConfig, TrainConfig, bounded
-from diffalign.train.dpo import DPOConfig
+from diffalign.config import TimestepConfig, bounded
+from diffalign.train.pair_training import PairTrainConfig, PreferenceLossConfig
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class InPOConfig(DPOConfig):
+class InPOConfig(PreferenceLossConfig):
     """DDIM-InPO (Lu et al. 2025): the DPO loss and β (inside = -(β/2)·(Δpolicy - Δref)) on inverted latents.
 
     Paper: β 2000 (SD 1.5), 5000 (SDXL); 10 inversion steps, eta 0.1, the policy inverts."""
@@ -56,14 +56,13 @@ class InPOConfig(DPOConfig):
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(PairTrainConfig):
     """`method: inpo`: the shared settings plus the InPO loss and inversion, the preference pairs and the timestep
     weighting."""
 
     method: Literal["inpo"] = "inpo"
+    """The training method (this recipe)."""
     inpo: InPOConfig = field(default_factory=InPOConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
 
 
 def invert_pairs(
@@ -149,7 +148,7 @@ def inpo_step(
     input is the inverted latent and the target its reparametrisation (then exactly DPO's loss)."""
     import torch
 
-    from diffalign.train.dpo import preference_loss
+    from diffalign.train.pair_training import preference_loss
 
     half = latents.shape[0] // 2
     t = family.sample_train_timesteps(half, generator, **asdict(timesteps or TimestepConfig()))
@@ -161,7 +160,7 @@ def inpo_step(
 
 def train(cfg: Config) -> Path:
     """Run the recipe; returns the folder of the final LoRA (or full denoiser)."""
-    from diffalign.train.dpo import train_on_pairs
+    from diffalign.train.pair_training import train_on_pairs
 
     def step(family: Family, latents: Tensor, cond: Cond, preference: Tensor, generator: torch.Generator):
         return inpo_step(family, latents, cond, preference, cfg.inpo, generator, cfg.timesteps)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from diffalign.config import TrainConfig
 from diffalign.models import Family
-from diffalign.train import TrainingInterrupted, common
+from diffalign.train import TrainingInterrupted, checkpoint, outputs, run_dir, run_log, setup, validation
 
 StepFn = Callable[[Any, torch.Generator], tuple[Tensor, dict[str, Tensor]]]
 """step(batch, generator) -> (loss, metrics): one micro-batch's loss (with its graph) and scalar metrics."""
@@ -54,21 +54,21 @@ def fit(
     full denoiser) folder. `bar_metric` is shown beside the loss on the progress bar."""
     from tqdm.auto import tqdm
 
-    common.prepare_output_dir(cfg, accelerator)
-    optimizer = common.build_optimizer(params, cfg.optim, common.effective_lr(cfg, accelerator.num_processes))
-    state = common.TrainState(
-        generator=common.noise_generator(cfg.seed, accelerator.process_index),
-        schedule=common.build_lr_schedule(optimizer, cfg),
+    run_dir.prepare_output_dir(cfg, accelerator)
+    optimizer = setup.build_optimizer(params, cfg.optim, setup.effective_lr(cfg, accelerator.num_processes))
+    state = checkpoint.TrainState(
+        generator=checkpoint.noise_generator(cfg.seed, accelerator.process_index),
+        schedule=setup.build_lr_schedule(optimizer, cfg),
     )
     model, optimizer = accelerator.prepare(family.denoiser, optimizer)
-    common.register_trainable_hooks(accelerator, family)
-    resume_from = common.resolve_resume(cfg.output_dir, cfg.resume)
+    checkpoint.register_trainable_hooks(accelerator, family)
+    resume_from = checkpoint.resolve_resume(cfg.output_dir, cfg.resume)
     if resume_from is not None:
-        common.load_checkpoint(accelerator, resume_from, state)
+        checkpoint.load_checkpoint(accelerator, resume_from, state)
         accelerator.print(f"resumed from {resume_from} (step {state.step})")
     batches = make_batches(state.data_position)
-    runlog = common.RunLog(accelerator, cfg)
-    validator = common.Validator(cfg, family)
+    runlog = run_log.RunLog(accelerator, cfg)
+    validator = validation.Validator(cfg, family)
     state.best.metric = cfg.validation.best_by
 
     def validate() -> bool:
@@ -78,9 +78,9 @@ def fit(
             metrics = validator.run(state.step)
             runlog.log(metrics, step=state.step)
             if cfg.validation.best_by and state.best.update(metrics, state.step):
-                common.save_best(family, cfg, state.best)
+                validation.save_best(family, cfg, state.best)
             stop = 0 < cfg.validation.early_stop <= state.best.falls
-        return common.agree(accelerator, stop) if cfg.validation.early_stop else stop
+        return validation.agree(accelerator, stop) if cfg.validation.early_stop else stop
 
     if state.step == 0 and validator.due(0, last=False):
         validate()
@@ -96,8 +96,8 @@ def fit(
                 state.skipped += batches.skipped(batch)
                 with accelerator.accumulate(model), accelerator.autocast():
                     loss, metrics = step(batch, state.generator)
-                    values = common.reduce_mean(accelerator, {"loss": loss, **metrics})
-                    common.check_finite(values["loss"], state.step, cfg.output_dir)
+                    values = run_log.reduce_mean(accelerator, {"loss": loss, **metrics})
+                    run_log.check_finite(values["loss"], state.step, cfg.output_dir)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
@@ -118,7 +118,7 @@ def fit(
                     runlog.log({**values, "lr": state.schedule.get_last_lr()[0], **skipped}, step=state.step)
                 stop = validate() if validator.due(state.step, last) else False
                 if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
-                    common.save_checkpoint(accelerator, cfg.output_dir, state, cfg.checkpoints_keep)
+                    checkpoint.save_checkpoint(accelerator, cfg.output_dir, state, cfg.checkpoints_keep)
                 if stop:
                     return True
         return False
@@ -127,7 +127,7 @@ def fit(
         stopped_early = run_steps()
     except KeyboardInterrupt:
         bar.close()
-        raise TrainingInterrupted(common.stopped_at(state.step, cfg.output_dir)) from None
+        raise TrainingInterrupted(checkpoint.stopped_at(state.step, cfg.output_dir)) from None
     bar.close()
     if stopped_early:
         accelerator.print(
@@ -135,7 +135,7 @@ def fit(
         )
     extra = {}
     if cfg.validation.best_by:
-        extra = {"best": common.best_record(state.best), "stopped_early": stopped_early}
-    final = common.save_final(family, cfg, accelerator, state, optimizer, unit=batches.unit, extra=extra)
+        extra = {"best": validation.best_record(state.best), "stopped_early": stopped_early}
+    final = outputs.save_final(family, cfg, accelerator, state, optimizer, unit=batches.unit, extra=extra)
     runlog.close()
     return final

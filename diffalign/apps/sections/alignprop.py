@@ -8,7 +8,7 @@ import json
 import time
 
 from diffalign.apps.demo import DemoContext, SectionResult, read_curves
-from diffalign.apps.sections.dpo import after_lora, train_on_toy
+from diffalign.apps.sections.toy_training import after_lora, train_on_toy
 
 
 def truncation_text(run) -> str:
@@ -32,7 +32,7 @@ def alignprop_section(ctx: DemoContext) -> SectionResult:
     from diffalign.apps import report
 
     started = time.perf_counter()
-    steps = ctx.settings.alignprop_steps
+    steps = ctx.settings.size("alignprop", "steps")
     run = ctx.work / "alignprop" / f"seed{ctx.seed}"
     # A few dozen steps (each of 32 prompts) against the pair methods' hundreds: validate and log 5 times a run.
     every = max(1, steps // 5)

@@ -4,97 +4,15 @@ the proxy and gold validation curves during training, and the after-measurement 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from diffalign.apps.demo import PROXY, DemoContext, SectionResult, read_curves, toy_config
-
-
-def train_on_toy(ctx: DemoContext, method: str, out: Path, steps: int, extra: list[str] | None = None) -> Path:
-    """Train `method` with its toy config (configs/<method>/toy.yaml) and the demo's settings; returns the LoRA."""
-    from diffalign.train import load_train_config, train
-    from diffalign.train.common import reset_accelerate_state
-
-    overrides = [
-        f"output_dir={out}",
-        f"max_steps={steps}",
-        f"validation.every={ctx.settings.validation_every}",
-        f"validation.num_images={ctx.settings.validation_images}",
-        f"validation.reward={PROXY}",
-        "validation.heldout_reward=toy-gold",
-        "report_to=none",
-        "resume=none",
-        "overwrite=true",  # the demo's own folder; the acceptance script re-runs into its --out
-        "checkpoint_every=0",
-        f"seed={ctx.seed}",
-        *(extra or []),
-        *ctx.train_overrides,
-    ]
-    cfg = load_train_config(toy_config(f"{method}/toy.yaml"), overrides)
-    reset_accelerate_state()
-    try:
-        return train(cfg)
-    finally:
-        reset_accelerate_state()
-
-
-def after_lora(ctx: DemoContext, lora: Path, name: str) -> dict:
-    """The evaluation of the toy model with `lora` loaded (then unloaded again)."""
-    ctx.family.load_lora(lora, adapter_name=name)
-    try:
-        return ctx.measure()
-    finally:
-        ctx.family.unload_lora()
-
-
-def pair_training_charts(curves: dict[str, list[tuple[int, float]]], name: str) -> list[str]:
-    """The charts of a preference-pair method's run: held-out proxy and gold during training, loss, implicit
-    accuracy (`name` labels the last two)."""
-    from diffalign.apps import report
-
-    return [
-        report.line_chart({"proxy reward (toy-clip)": curves["proxy"]}, "held-out proxy reward during training"),
-        report.line_chart(
-            {"gold all-correct": curves["gold_all_correct"], "gold mean attributes": curves["gold_score"]},
-            "held-out gold accuracy during training",
-        ),
-        report.line_chart({"loss": curves["loss"]}, f"{name} loss"),
-        report.line_chart({"implicit accuracy": curves["implicit_accuracy"]}, f"{name} implicit accuracy"),
-    ]
-
-
-def pair_method_run(ctx: DemoContext, method: str, steps: int) -> dict:
-    """What DPO and InPO sections share: train `method` on the shared pairs for `steps` (timed, wall and CPU), read
-    its curves and measure its LoRA. Returns pairs, lora, curves, after, train_seconds and facts."""
-    pairs = ctx.pairs()
-    run = ctx.work / method / f"seed{ctx.seed}"
-    training, cpu = time.perf_counter(), time.process_time()
-    lora = train_on_toy(ctx, method, run, steps, [f"data.source={pairs['path']}"])
-    train_seconds, train_cpu_seconds = time.perf_counter() - training, time.process_time() - cpu
-    curves = read_curves(run / "metrics.jsonl", extra=("loss", "implicit_accuracy"))
-    name = {"dpo": "DPO", "inpo": "InPO"}.get(method, method)
-    ctx.console.print(f"  measuring the {name} model on {ctx.settings.eval_samples} held-out samples (same seeds)")
-    facts = {
-        "pairs": pairs["pairs"],
-        "ties": pairs["ties"],
-        "steps": steps,
-        "train_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(train_cpu_seconds, 1),  # robust to other processes on a shared machine
-    }
-    after = after_lora(ctx, lora, method)
-    return {
-        "pairs": pairs,
-        "lora": lora,
-        "curves": curves,
-        "after": after,
-        "train_seconds": train_seconds,
-        "facts": facts,
-    }
+from diffalign.apps.demo import DemoContext, SectionResult
+from diffalign.apps.sections.toy_training import pair_method_run, pair_training_charts
 
 
 def dpo_section(ctx: DemoContext) -> SectionResult:
     """Pairs (shared), DPO training with curves, after-measurement."""
     started = time.perf_counter()
-    steps = ctx.settings.dpo_steps
+    steps = ctx.settings.size("dpo", "steps")
     done = pair_method_run(ctx, "dpo", steps)
     pairs, curves = done["pairs"], done["curves"]
     ctx.loras[("dpo", ctx.seed)] = done["lora"]

@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 
 from diffalign.apps.demo import DemoContext, SectionResult
-from diffalign.apps.sections.dpo import pair_method_run, pair_training_charts
+from diffalign.apps.sections.toy_training import pair_method_run, pair_training_charts
 
 
 def inpo_section(ctx: DemoContext) -> SectionResult:
     """Pairs (shared with DPO), InPO training with curves, after-measurement."""
     started = time.perf_counter()
-    steps = ctx.settings.inpo_steps
+    steps = ctx.settings.size("inpo", "steps")
     done = pair_method_run(ctx, "inpo", steps)
     pairs, curves = done["pairs"], done["curves"]
     html = [

@@ -45,7 +45,7 @@ def reno_section(ctx: DemoContext) -> SectionResult:
     from diffalign.rewards import load_reward
 
     started = time.perf_counter()
-    count, iters = ctx.settings.reno_samples, ctx.settings.reno_iters
+    count, iters = ctx.settings.size("reno", "samples"), ctx.settings.size("reno", "iters")
     prompts = repeat_prompts(ctx.heldout, count)
     steps, guidance = TOY_DEFAULTS["num_steps"], TOY_DEFAULTS["guidance_scale"]
     ctx.console.print(f"  ReNO on {count} held-out images, {iters} iterations each, {steps} steps, CFG {guidance}")

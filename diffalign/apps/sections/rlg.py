@@ -31,12 +31,12 @@ def dpo_lora(ctx: DemoContext) -> Path:
     """The DPO LoRA recorded by the DPO section for this training seed, or one trained now (same settings)."""
     lora = ctx.loras.get(("dpo", ctx.seed))
     if lora is None:
-        from diffalign.apps.sections.dpo import train_on_toy
+        from diffalign.apps.sections.toy_training import train_on_toy
 
         ctx.console.print("  no DPO LoRA from the DPO section: training one (same settings)")
         pairs = ctx.pairs()
         run = ctx.work / "rlg" / f"dpo-seed{ctx.seed}"
-        lora = train_on_toy(ctx, "dpo", run, ctx.settings.dpo_steps, [f"data.source={pairs['path']}"])
+        lora = train_on_toy(ctx, "dpo", run, ctx.settings.size("dpo", "steps"), [f"data.source={pairs['path']}"])
         ctx.loras[("dpo", ctx.seed)] = lora
     return lora
 
@@ -88,7 +88,7 @@ def sweep_grid(results: dict[float, dict], columns: int = 9):
     """A row of images per w (the first `columns` samples: one per held-out prompt, the same seeds in every row)."""
     import torch
 
-    from diffalign.train.common import image_grid
+    from diffalign.io import image_grid
 
     return image_grid(torch.cat([r["images"][:columns] for r in results.values()]), columns=columns)
 
@@ -101,10 +101,11 @@ def rlg_section(ctx: DemoContext) -> SectionResult:
     started = time.perf_counter()
     settings = ctx.settings
     lora = dpo_lora(ctx)
-    n = min(settings.rlg_samples, settings.eval_samples)
+    n = min(settings.size("rlg", "samples"), settings.eval_samples)
+    scale = settings.size("rlg", "scale")
     ctx.family.load_lora(lora, adapter_name="rlg")
     try:
-        results, after = sweep(ctx, settings.rlg_scales, n, settings.rlg_scale)
+        results, after = sweep(ctx, settings.size("rlg", "scales"), n, scale)
     finally:
         ctx.family.unload_lora()
     rows = sweep_rows(results, first_samples(ctx.base, n))
@@ -127,7 +128,7 @@ def rlg_section(ctx: DemoContext) -> SectionResult:
         "<p>No training: the DPO LoRA of the Diffusion-DPO section is mixed with the base model at every sampling "
         "step, v = v<sub>base</sub> + w (v<sub>DPO</sub> − v<sub>base</sub>), each with its own CFG (w = 0 is the "
         f"base model, 1 the DPO model, above 1 extrapolates). Sweep on the first {n} evaluation seeds (paired); "
-        f"the table below the section is w = {settings.rlg_scale:g} on all {settings.eval_samples}. RLG samples "
+        f"the table below the section is w = {scale:g} on all {settings.eval_samples}. RLG samples "
         "cost two denoiser passes per step (one batched call).</p>",
         report.table(
             ["w", "gold all-correct", "vs base (points ± paired SE)", "vs w = 1", "proxy (toy-clip)"], table_rows
@@ -140,10 +141,10 @@ def rlg_section(ctx: DemoContext) -> SectionResult:
     return SectionResult(
         key="rlg",
         title="RL guidance (RLG)",
-        optimises=f"nothing trained: base + {settings.rlg_scale:g}·(DPO − base) at inference",
+        optimises=f"nothing trained: base + {scale:g}·(DPO − base) at inference",
         after=after,
         seconds=time.perf_counter() - started,
         curves=curves,
-        facts={"scale": settings.rlg_scale, "lora": relative(lora, ctx.work), "sweep": rows},
+        facts={"scale": scale, "lora": relative(lora, ctx.work), "sweep": rows},
         html=html,
     )

@@ -1,0 +1,87 @@
+"""The methods diffalign offers, one record each: everything else (the `train` command, the demo and its report, the
+acceptance scripts, the benches, the shipped configs, the contract tests) iterates over `METHODS`.
+
+Adding a training method: `diffalign/losses/<name>.py` (the tensor math), `diffalign/train/<name>.py` (its `Config`
+and `train(cfg)`), `diffalign/apps/sections/<name>.py` (its demo section), `configs/<name>/*.yaml` (a `toy.yaml`
+and one per family), and one `Method(...)` line below. A bench, if it has one, is `scripts/bench_<name>.py`.
+
+The records name their code by dotted path (imported when used), so reading this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method: what it is, where its code lives, how big its demo section runs."""
+
+    name: str
+    """The `method:` key of a training config, the demo's `--methods` name."""
+    title: str
+    """Its name in the report and the README."""
+    kind: Literal["training", "inference"]
+    module: str
+    """The module holding its `Config` class and its entry function (`train(cfg)` for a training method)."""
+    section: str
+    """module:function of its demo section, `section(ctx: DemoContext) -> SectionResult`."""
+    full: dict[str, Any] = field(default_factory=dict)
+    """Its sizes in the full demo (`diffalign demo`), e.g. {"steps": 200}; read by its section."""
+    quick: dict[str, Any] = field(default_factory=dict)
+    """Its sizes in the quick demo (`diffalign demo --quick`), a smoke run."""
+    bench: bool = False
+    """Whether it has a benchmark, `scripts/bench_<name>.py` (`python scripts/bench.py <name>`)."""
+
+    @property
+    def trains(self) -> bool:
+        """True for a training method (a `train` recipe with configs under configs/<name>/)."""
+        return self.kind == "training"
+
+    def entry(self, name: str) -> Callable[..., Any]:
+        """The function or class `name` of its module (e.g. "train", "Config")."""
+        return getattr(importlib.import_module(self.module), name)
+
+    def section_function(self) -> Callable[..., Any]:
+        """Its demo section function."""
+        module, _, name = self.section.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "dpo", "Diffusion-DPO", "training", "diffalign.train.dpo", "diffalign.apps.sections.dpo:dpo_section",
+            full={"steps": 200}, quick={"steps": 100}, bench=True,
+        ),
+        Method(
+            "inpo", "DDIM-InPO", "training", "diffalign.train.inpo", "diffalign.apps.sections.inpo:inpo_section",
+            full={"steps": 100}, quick={"steps": 40}, bench=True,
+        ),
+        Method(
+            "alignprop", "AlignProp", "training", "diffalign.train.alignprop",
+            "diffalign.apps.sections.alignprop:alignprop_section",
+            full={"steps": 15}, quick={"steps": 4}, bench=True,
+        ),
+        Method(
+            "reno", "ReNO", "inference", "diffalign.infer.reno", "diffalign.apps.sections.reno:reno_section",
+            full={"samples": 18, "iters": 50}, quick={"samples": 9, "iters": 15}, bench=True,
+        ),
+        Method(
+            "rlg", "RL guidance (RLG)", "inference", "diffalign.infer.rlg", "diffalign.apps.sections.rlg:rlg_section",
+            full={"scales": (0.0, 1.0, 2.0, 3.0), "samples": 128, "scale": 2.0},
+            quick={"scales": (0.0, 1.0, 2.0), "samples": 64, "scale": 2.0},
+            bench=True,
+        ),
+    )
+}  # fmt: skip
+"""Every method, in the order the demo runs them (DPO first: RLG guides with its LoRA)."""
+
+
+def training_methods() -> list[str]:
+    """The names of the training methods (the values of a config's `method:`)."""
+    return [name for name, method in METHODS.items() if method.trains]

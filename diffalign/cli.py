@@ -89,6 +89,27 @@ def train(
         typer.echo(f"saved {final}")
 
 
+def setting_help(cls: type, key: str) -> str:
+    """A flag's help: the first sentence of the config field's help text, and the key it sets."""
+    from diffalign.config import field_docs
+
+    doc = field_docs(cls).get(key.split(".")[-1], "")
+    return f"{doc.split('. ')[0].rstrip('.')} [{key}]"
+
+
+def setting_help_of(method: str, key: str) -> str:
+    """`setting_help` of an inference method's config: "reno" (RenoConfig, MultiStepConfig) or "rlg" (RLGConfig)."""
+    from diffalign.infer.configs import MultiStepConfig, RenoConfig, RLGConfig
+
+    if method == "rlg":
+        return setting_help(RLGConfig, f"rlg.{key}").replace("[rlg.", "[")
+    return setting_help(MultiStepConfig if key.startswith("multi_step.") else RenoConfig, key)
+
+
+def reno_help(key: str) -> str:
+    return setting_help_of("reno", key)
+
+
 # ---------------------------------------------------------------------------------------------------------- generate
 @app.command()
 def generate(
@@ -118,6 +139,8 @@ def generate(
     rlg_sweep: Annotated[
         str | None, typer.Option(help="RLG scales, e.g. 0,0.5,1,1.5,2: a folder per scale (same seeds), grid.png.")
     ] = None,
+    rlg_zero_init_step: Annotated[int | None, typer.Option(help=setting_help_of("rlg", "zero_init_step"))] = None,
+    rlg_batched: Annotated[bool | None, typer.Option("--rlg-batched", help=setting_help_of("rlg", "batched"))] = None,
     score: Annotated[str | None, typer.Option(help="Reward spec: print reward mean ± SE per scale.")] = None,
 ) -> None:
     """Generate images with a pipeline (optionally with a LoRA) into a folder: <i>.png, a <i>.txt sidecar with its
@@ -132,71 +155,89 @@ def generate(
     from diffalign.apps.rlg import check_rlg_inputs
 
     scales = check_rlg_inputs(lora, denoiser, rlg_scale, rlg_sweep, score)  # folders and specs, before torch
+    from diffalign.config import load_config
+    from diffalign.infer.configs import RLGConfig
+
+    given = {"zero_init_step": rlg_zero_init_step, "batched": rlg_batched}
+    rlg = load_config(RLGConfig, values={key: value for key, value in given.items() if value is not None})
     check_replaceable(out, "generate.jsonl")
     resolve_model(model)
     from diffalign.apps.generate import generate_to_folder
 
     written = generate_to_folder(
-        model, texts, out, lora=lora, denoiser=denoiser, scales=scales, score=score, num_images=num_images,
+        model, texts, out, lora=lora, denoiser=denoiser, scales=scales, rlg=rlg, score=score, num_images=num_images,
         num_steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
     )  # fmt: skip
     typer.echo(f"wrote {written} image{'s' if written != 1 else ''} to {out}")
 
 
 # -------------------------------------------------------------------------------------------------------------- reno
+RENO_FLAGS = {
+    "model": "model", "reward": "reward", "iters": "iters", "lr": "lr", "optimizer": "optimizer", "steps": "num_steps",
+    "guidance_scale": "guidance_scale", "starts": "starts", "start_fraction": "start_fraction",
+    "reg_weight": "reg_weight", "grad_clip": "grad_clip", "imageselect": "imageselect",
+    "multi_step_model": "multi_step.model", "multi_steps": "multi_step.num_steps",
+    "multi_guidance_scale": "multi_step.guidance_scale", "checkpoint": "checkpoint", "seed": "seed",
+    "batch_size": "batch_size", "device": "device", "dtype": "dtype",
+}  # fmt: skip
+"""Each `diffalign reno` flag and the RenoConfig key it sets: the one mapping of the flags onto the config."""
+
+
 @app.command()
 def reno(
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value settings (see --show-config): iters=20 multi_step.model=same")
+    ] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable).")] = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompt file: .txt (one per line), .jsonl or .csv.")] = None,
-    model: ModelOpt = "toy",
-    reward: Annotated[
-        str | None,
-        typer.Option(
-            "--reward",
-            "-r",
-            help="Differentiable reward spec (default: the paper's hpsv2=5,imagereward=1,clip=0.01,"
-            "pickscore=0.05; toy-clip on --model toy).",
-        ),
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML file of settings (the keys --show-config prints).")
     ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced).")] = Path("runs/reno"),
-    iters: Annotated[int, typer.Option(min=1, help="Optimisation iterations per prompt (the paper's 50).")] = 50,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (default: SGD the paper's 5.0, Adam 0.2).")] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (default 1; the toy: 4).")] = None,
-    guidance_scale: Annotated[
-        float | None, typer.Option("--guidance-scale", "-g", help="CFG scale (default 1 = none; the toy: 4.5).")
-    ] = None,
-    starts: Annotated[
-        int, typer.Option(min=1, help="Initial noises per prompt sharing the first part of the budget (1 = paper).")
-    ] = 1,
-    start_fraction: Annotated[float, typer.Option(help="Fraction of --iters the starts share.")] = 0.5,
-    optimizer: Annotated[str, typer.Option(help="sgd (Nesterov momentum 0.9, the paper's) or adam.")] = "sgd",
-    reg_weight: Annotated[float, typer.Option(help="Weight of the noise-norm regulariser (the paper's 0.01).")] = 0.01,
-    grad_clip: Annotated[float, typer.Option(help="Clip the noise gradient to this norm (the paper's 0.1).")] = 0.1,
-    imageselect: Annotated[
-        bool, typer.Option(help="Best of --iters random noises under the same rewards (the paper's control).")
+    show_config: Annotated[
+        bool, typer.Option("--show-config", help="Print the resolved settings with each key's help, then exit.")
     ] = False,
-    multi_step_model: Annotated[
-        str | None,
-        typer.Option(help="Re-render the initial and best noise with this model ('same': the ReNO model itself)."),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced).")] = Path("runs/reno"),
+    model: Annotated[str | None, typer.Option("--model", "-m", help=reno_help("model"))] = None,
+    reward: Annotated[str | None, typer.Option("--reward", "-r", help=reno_help("reward"))] = None,
+    iters: Annotated[int | None, typer.Option(help=reno_help("iters"))] = None,
+    lr: Annotated[float | None, typer.Option(help=reno_help("lr"))] = None,
+    optimizer: Annotated[str | None, typer.Option(help=reno_help("optimizer"))] = None,
+    steps: Annotated[int | None, typer.Option(help=reno_help("num_steps"))] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option("--guidance-scale", "-g", help=reno_help("guidance_scale"))
     ] = None,
-    multi_steps: Annotated[
-        int | None, typer.Option(min=1, help="Sampling steps of --multi-step-model (default: its own).")
-    ] = None,
-    multi_guidance_scale: Annotated[
-        float | None, typer.Option(help="CFG scale of --multi-step-model (default: its own).")
-    ] = None,
+    starts: Annotated[int | None, typer.Option(help=reno_help("starts"))] = None,
+    start_fraction: Annotated[float | None, typer.Option(help=reno_help("start_fraction"))] = None,
+    reg_weight: Annotated[float | None, typer.Option(help=reno_help("reg_weight"))] = None,
+    grad_clip: Annotated[float | None, typer.Option(help=reno_help("grad_clip"))] = None,
+    imageselect: Annotated[bool | None, typer.Option("--imageselect", help=reno_help("imageselect"))] = None,
+    multi_step_model: Annotated[str | None, typer.Option(help=reno_help("multi_step.model"))] = None,
+    multi_steps: Annotated[int | None, typer.Option(help=reno_help("multi_step.num_steps"))] = None,
+    multi_guidance_scale: Annotated[float | None, typer.Option(help=reno_help("multi_step.guidance_scale"))] = None,
     checkpoint: Annotated[
-        bool | None,
-        typer.Option("--checkpoint/--no-checkpoint", help="Recompute each step in backward (default: if steps > 1)."),
+        bool | None, typer.Option("--checkpoint/--no-checkpoint", help=reno_help("checkpoint"))
     ] = None,
-    seed: Annotated[int, typer.Option(help="Prompt i starts from the noise of seed + i.")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Prompts optimised together.")] = 8,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: this process's GPU or CPU).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Generator dtype (default: float16 on GPU, else float32).")] = None,
+    seed: Annotated[int | None, typer.Option(help=reno_help("seed"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help=reno_help("batch_size"))] = None,
+    device: Annotated[str | None, typer.Option(help=reno_help("device"))] = None,
+    dtype: Annotated[str | None, typer.Option(help=reno_help("dtype"))] = None,
 ) -> None:
     """ReNO: optimise the initial noise of a one/few-step model (SD-Turbo, SDXL-Turbo, FLUX.1-schnell) against a
-    differentiable reward, per prompt. Writes the initial and the optimised images (with sidecar prompts for `diffalign
-    score`), history.jsonl and summary.json. Under `accelerate launch -m diffalign reno` the prompts are split."""
+    differentiable reward, per prompt. Settings: the paper's, then --config FILE, the flags, key=value. Writes the
+    initial and the optimised images (with sidecar prompts for `diffalign score`), history.jsonl and summary.json.
+    Under `accelerate launch -m diffalign reno` the prompts are split."""
+    flags = dict(locals())  # the parameters, by name (first: before any other local)
+    given = {key: flags[name] for name, key in RENO_FLAGS.items() if flags[name] is not None}
+    from diffalign.config import load_config
+    from diffalign.infer.configs import RenoConfig
+
+    settings = load_config(RenoConfig, config, overrides, values=given)
+    if show_config:
+        from diffalign.apps.reno import for_model
+        from diffalign.config import render_config
+
+        typer.echo(render_config(for_model(settings)))
+        return
     from diffalign.data.prompts import read_prompts
 
     texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])
@@ -204,20 +245,14 @@ def reno(
         raise UserError("give at least one --prompt or a --prompts file")
     from diffalign.hub import resolve_model
 
-    resolve_model(model)
-    if multi_step_model not in (None, "same"):
-        resolve_model(multi_step_model)
+    resolve_model(settings.model)
+    if settings.multi_step.model not in (None, "same"):
+        resolve_model(settings.multi_step.model)
     from diffalign.apps.reno import run_reno
 
-    summary = run_reno(
-        model, texts, out, reward=reward, iters=iters, lr=lr, num_steps=steps, guidance_scale=guidance_scale,
-        starts=starts, start_fraction=start_fraction, optimizer=optimizer, reg_weight=reg_weight, grad_clip=grad_clip,
-        imageselect=imageselect, multi_step_model=multi_step_model, multi_steps=multi_steps,
-        multi_guidance_scale=multi_guidance_scale, checkpoint=checkpoint, seed=seed, batch_size=batch_size,
-        device=device, dtype=dtype,
-    )  # fmt: skip
+    summary = run_reno(settings, texts, out)
     if summary is not None:
-        folders = 4 if multi_step_model else 2
+        folders = 4 if settings.multi_step.model else 2
         typer.echo(f"wrote {folders * len(texts)} images and history.jsonl to {out}")
 
 

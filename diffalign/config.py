@@ -281,6 +281,19 @@ def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
         raise UserError(f"config key '{key}' must be {wanted}, got {value!r}")
 
 
+def check_values(config: Any, prefix: str = "") -> None:
+    """The types, choices and bounds of every field of a config dataclass made in code (the loader checks them as
+    it reads a file or an override): a one-line UserError naming the first field that is wrong."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_values(value, f"{prefix}{f.name}.")
+        else:
+            _convert(value, hints[f.name], prefix + f.name)
+            _check_bounds(value, f.metadata.get("bounds", {}), prefix + f.name)
+
+
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -340,10 +353,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build `cls` from an optional YAML file and `key=value` overrides; strict about keys and types."""
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> T:
+    """Build `cls` from an optional YAML file, then `values` (already typed, e.g. a command's flags, nested with
+    dotted keys: {"multi_step.model": "same"}), then `key=value` overrides; strict about keys and types."""
     data = read_yaml(path) if path is not None else {}
+    for key, value in (values or {}).items():
+        data = _merge(data, _nested(key, value))
     return _build(cls, _merge(data, parse_overrides(overrides or [])))
+
+
+def _nested(key: str, value: Any) -> dict[str, Any]:
+    """{"a.b": 1} as {"a": {"b": 1}}."""
+    *parents, leaf = key.split(".")
+    tree: dict[str, Any] = {leaf: value}
+    for part in reversed(parents):
+        tree = {part: tree}
+    return tree
 
 
 def to_dict(config: Any) -> dict[str, Any]:

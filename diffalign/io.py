@@ -91,13 +91,19 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def quantize(images: Any) -> Any:
+    """Image tensors in [0, 1] (any shape) as the uint8 tensor of their 8-bit pixels (clamped, rounded): what a PNG
+    holds, and a quarter of the bytes to gather across processes."""
+    import torch
+
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def to_uint8(image: Any) -> Any:
     """An image tensor [3, H, W] in [0, 1] as a numpy HWC uint8 array (clamped, rounded)."""
     import numpy as np
-    import torch
 
-    pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return np.ascontiguousarray(pixels.permute(1, 2, 0).cpu().numpy())
+    return np.ascontiguousarray(quantize(image).permute(1, 2, 0).cpu().numpy())
 
 
 def encode_image(image: Any, format: str = "PNG", **options: Any) -> bytes:

@@ -3,13 +3,18 @@ one-line input errors before any model loads, and the split across two processes
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
+from dataclasses import fields
 
 import numpy as np
 import pytest
 from clitools import run_cli
 from distributed import failure, launch_two_ranks
 from PIL import Image
+
+from diffalign.infer.configs import RenoConfig
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 ARGS = ["--model", "tiny-sd-turbo", "--reward", "toy-clip", "--iters", "2", "--batch-size", "2"]
@@ -83,7 +88,7 @@ def test_imageselect_and_a_multi_step_model_write_their_folders(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "wrote 8 images" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["settings"]["imageselect"] and summary["settings"]["multi_step_model"] == "tiny-sd"
+    assert summary["settings"]["imageselect"] and summary["settings"]["multi_step"]["model"] == "tiny-sd"
     assert all(h["grad_norm"] == 0 for h in read_jsonl(out / "history.jsonl"))
     for folder in ("multi_step", "multi_step_initial"):
         rows = read_jsonl(out / folder / f"{folder}.jsonl")
@@ -123,9 +128,9 @@ def test_reno_cli_input_errors_are_one_line_with_exit_2(args, message, broken_mo
         ({"reward": "nope"}, "unknown reward 'nope'"),
         ({"reward": "toy-clip,toy-gold"}, "reward 'toy-gold' is not differentiable"),
         ({"starts": 8, "iters": 10}, "raise --iters or lower --starts"),
-        ({"lr": 0.0}, "learning rate must be positive"),
-        ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
-        ({"imageselect": True, "starts": 2}, "takes no --starts"),
+        ({"lr": 0.0}, "config key 'lr' must be > 0, got 0.0"),
+        ({"optimizer": "lbfgs"}, "config key 'optimizer' must be one of 'sgd' | 'adam', got 'lbfgs'"),
+        ({"imageselect": True, "starts": 2}, "takes no starts"),
         ({"out": "precious"}, "precious exists and is not a folder this command wrote"),
     ],
 )
@@ -136,6 +141,38 @@ def test_reno_settings_are_checked_before_the_model_loads(settings, message, bro
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
     settings = {"reward": "toy-clip", "out": tmp_path / "out", **settings}
-    with pytest.raises(UserError, match=message):
-        run_reno(broken_model, ["x"], tmp_path / settings.pop("out"), **settings)
+    out = tmp_path / settings.pop("out")
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_reno(RenoConfig(model=broken_model, **settings), ["x"], out)
     assert not (tmp_path / "out").exists() and (tmp_path / "precious" / "notes.txt").is_file()
+
+
+def test_settings_come_from_a_config_file_the_flags_and_key_value_overrides(tmp_path):
+    """One list of settings (RenoConfig): --show-config prints them with help (the toy's defaults resolved), its
+    output loads back with --config, flags and key=value override the file, a bad key is one line."""
+    shown = run_cli("reno", "--show-config", "--steps", "3", "iters=7", "multi_step.model=same")
+    assert shown.returncode == 0, shown.stderr
+    assert "# int, >= 1: Generator forward+backward passes per prompt" in shown.stdout
+    assert "\niters: 7\n" in shown.stdout and "\nnum_steps: 3\n" in shown.stdout and "reward: toy-clip" in shown.stdout
+    assert "multi_step:\n  # str | None" in shown.stdout and "  model: same\n" in shown.stdout
+    (tmp_path / "reno.yaml").write_text(shown.stdout)
+    again = run_cli("reno", "--show-config", "--config", str(tmp_path / "reno.yaml"), "--iters", "9", "lr=0.5")
+    assert "\niters: 9\n" in again.stdout and "\nlr: 0.5\n" in again.stdout and "\nnum_steps: 3\n" in again.stdout
+    (tmp_path / "bad.yaml").write_text("iterations: 5\n")
+    bad = run_cli("reno", "--config", str(tmp_path / "bad.yaml"), "-p", "x")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: unknown config key 'iterations'; valid keys here: " + ", ".join(f.name for f in fields(RenoConfig))
+    ]
+
+
+def test_every_reno_flag_sets_a_config_key_and_every_setting_flag_is_mapped():
+    from diffalign.cli import RENO_FLAGS, reno
+
+    for key in RENO_FLAGS.values():
+        section = RenoConfig()
+        *parents, leaf = key.split(".")
+        for part in parents:
+            section = getattr(section, part)
+        assert leaf in {f.name for f in fields(section)}, key
+    inputs = {"overrides", "prompt", "prompts", "config", "show_config", "out"}
+    assert set(inspect.signature(reno).parameters) - inputs == set(RENO_FLAGS)

@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from torch import Tensor
 
+from diffalign.infer.configs import RLGConfig
 from diffalign.infer.sample import sample_images, sampling_settings
 from diffalign.io import atomic_dir, check_replaceable, save_png, write_text_atomic
 
@@ -37,6 +39,7 @@ def generate_to_folder(
     lora: str | Path | None = None,
     denoiser: str | Path | None = None,
     scales: Sequence[float] | None = None,
+    rlg: RLGConfig | None = None,
     score: str | None = None,
     num_images: int = 1,
     num_steps: int | None = None,
@@ -48,10 +51,11 @@ def generate_to_folder(
 ) -> int:
     """`diffalign generate`: PNGs `<out>/<index>.png` with a sidecar `<index>.txt` prompt, and generate.jsonl.
 
-    With `scales` (RL guidance of the `lora` or `denoiser` model, `diffalign.apps.rlg`) every scale samples the same
-    prompts and seeds; a sweep (more than one scale) writes `<out>/rlg-<W>/` per scale and an index generate.jsonl
-    in `out`; with scales or `score` also `<out>/grid.png`, and with `score` `<out>/scores.json` and a printed table.
-    `out` is written whole and replaces an earlier generate output; any other folder is refused before any work.
+    With `scales` (RL guidance of the `lora` or `denoiser` model with the other settings of `rlg`,
+    `diffalign.apps.rlg`) every scale samples the same prompts and seeds; a sweep (more than one scale) writes
+    `<out>/rlg-<W>/` per scale and an index generate.jsonl in `out`; with scales or `score` also `<out>/grid.png`,
+    and with `score` `<out>/scores.json` and a printed table. `out` is written whole and replaces an earlier
+    generate output; any other folder is refused before any work.
     Returns the number of images written."""
     import contextlib
 
@@ -81,7 +85,9 @@ def generate_to_folder(
     rows, grid_rows, index = [], [], []
     with atomic_dir(out, marker="generate.jsonl") as tmp:
         for scale in scales if scales is not None else [None]:
-            guided = rl_guidance(family, scale, finetuned=finetuned) if scale is not None else contextlib.nullcontext()
+            guided = contextlib.nullcontext()
+            if scale is not None:
+                guided = rl_guidance(family, dataclasses.replace(rlg or RLGConfig(), scale=scale), finetuned=finetuned)
             with guided:
                 images = sample_images(
                     family, all_prompts, seeds, num_steps=num_steps, guidance_scale=guidance_scale,

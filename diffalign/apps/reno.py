@@ -2,7 +2,7 @@
 
     <out>/initial/00000.png + 00000.txt ... initial.jsonl   the images of the initial noise (the model without ReNO)
     <out>/reno/00000.png + 00000.txt ...    reno.jsonl      the best image ReNO found per prompt
-    <out>/multi_step/ and multi_step_initial/               with --multi-step-model: the best and the initial noise
+    <out>/multi_step/ and multi_step_initial/               with multi_step.model: the best and the initial noise
                                                             re-rendered by that model (the paper's multi_apply)
     <out>/history.jsonl                                     one line per prompt, iteration (and start): each reward
                                                             component, the weighted reward, K(z), |grad|, |z|
@@ -15,6 +15,7 @@ folder (replaced only once complete).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -22,148 +23,101 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.errors import UserError
+from diffalign.infer.configs import RenoConfig
 
 TOY_MODEL = "toy"
-SAME_MODEL = "same"
-"""`--multi-step-model same`: re-render with the ReNO model itself at more steps (the paper's FLUX-schnell 4 steps)."""
 TOY_DEFAULTS = {"reward": "toy-clip", "num_steps": 4, "guidance_scale": 4.5}
 """ReNO on `--model toy`: the proxy reward, and 4 DDIM steps with the toy's CFG 4.5 (the toy is a 20-step model, not
-a distilled one: at 1 step its images are blurs at chance gold accuracy; see the README, "reno")."""
+a distilled one: at 1 step its images are blurs at chance gold accuracy; see docs/results/reno.md)."""
 MARKER = "summary.json"
 
 
 def reno_defaults(model: str) -> dict[str, Any]:
     """Reward spec, sampling steps and guidance scale ReNO uses for `model` unless given: the toy's own, else the
     paper's (its reward mix, one step, no CFG: SD-Turbo, SDXL-Turbo and FLUX.1-schnell are distilled for that)."""
-    from diffalign.infer.reno import RENO_REWARD
+    from diffalign.infer.configs import RENO_REWARD
 
     if model == TOY_MODEL:
         return dict(TOY_DEFAULTS)
     return {"reward": RENO_REWARD, "num_steps": 1, "guidance_scale": 1.0}
 
 
-def run_reno(
-    model: str,
-    prompts: Sequence[str],
-    out: str | Path,
-    *,
-    reward: str | None = None,
-    iters: int = 50,
-    lr: float | None = None,
-    num_steps: int | None = None,
-    guidance_scale: float | None = None,
-    starts: int = 1,
-    start_fraction: float = 0.5,
-    optimizer: str = "sgd",
-    reg_weight: float = 0.01,
-    grad_clip: float = 0.1,
-    imageselect: bool = False,
-    multi_step_model: str | None = None,
-    multi_steps: int | None = None,
-    multi_guidance_scale: float | None = None,
-    checkpoint: bool | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    device: str | None = None,
-    dtype: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any] | None:
-    """`diffalign reno` (see the module docstring). Every input is checked before the model loads. Returns the
-    summary on the main process (None on the others)."""
-    from diffalign.infer.reno import DEFAULT_LR, check_settings
+def for_model(config: RenoConfig) -> RenoConfig:
+    """`config` with the reward, steps and CFG its model takes unless given (`reno_defaults`)."""
+    defaults = reno_defaults(config.model)
+    unset = {key: value for key, value in defaults.items() if getattr(config, key) is None}
+    return dataclasses.replace(config, **unset)
+
+
+def run_reno(config: RenoConfig, prompts: Sequence[str], out: str | Path, progress: bool = True) -> dict | None:
+    """`diffalign reno` with the settings `config` (see the module docstring). Every input is checked before the
+    model loads. Returns the summary on the main process (None on the others)."""
+    from diffalign.infer.reno import check
     from diffalign.io import atomic_dir, check_replaceable
     from diffalign.processes import gather_to_all, process_info
     from diffalign.rewards import parse_differentiable_spec
 
-    defaults = reno_defaults(model)
-    reward = reward or defaults["reward"]
-    num_steps = num_steps or defaults["num_steps"]
-    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-    parse_differentiable_spec(reward, "reno --reward")
-    check_settings(iters, lr, num_steps, starts, start_fraction, optimizer, imageselect)
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    cfg = for_model(config)
+    parse_differentiable_spec(cfg.reward, "reno --reward")
+    check(cfg)
     if not prompts:
         raise UserError("give at least one --prompt or a --prompts file")
     out = Path(out)
     check_replaceable(out, MARKER)
     info = process_info()
-    dtype = dtype or ("float16" if str(device or info.device).startswith("cuda") else "float32")
+    device = cfg.device or info.device
+    dtype = cfg.dtype or ("float16" if device.startswith("cuda") else "float32")
+    cfg = dataclasses.replace(cfg, device=device, dtype=dtype)
     share = list(range(info.rank, len(prompts), info.world))
-    settings = {
-        "model": model, "reward": reward, "iters": iters, "lr": lr, "num_steps": num_steps,
-        "guidance_scale": guidance_scale, "starts": starts, "start_fraction": start_fraction, "optimizer": optimizer,
-        "reg_weight": reg_weight, "grad_clip": grad_clip, "imageselect": imageselect,
-        "multi_step_model": multi_step_model, "multi_steps": multi_steps, "multi_guidance_scale": multi_guidance_scale,
-        "checkpoint": checkpoint, "seed": seed, "dtype": dtype,
-    }  # fmt: skip
     if info.world > 1:
         print(f"rank {info.rank}/{info.world}: {len(share)} prompts", file=sys.stderr)
-    part = optimise_share(model, prompts, share, settings, device or info.device, batch_size, progress and info.is_main)
+    part = optimise_share(cfg, prompts, share, progress and info.is_main)
     parts = gather_to_all(part, info)
     if not info.is_main:
         return None
     merged = merge_shares(parts, len(prompts))
     with atomic_dir(out, marker=MARKER) as work:
-        summary = write_outputs(work, prompts, merged, settings)
+        summary = write_outputs(work, prompts, merged, part["settings"])
     print_table(summary)
     return summary
 
 
-def optimise_share(
-    model: str, prompts: Sequence[str], share: list[int], settings: dict, device: str, batch_size: int, progress: bool
-) -> dict[str, Any]:
-    """Run ReNO on prompts[share]; returns what the main process needs (uint8 images, rewards, history)."""
+def optimise_share(cfg: RenoConfig, prompts: Sequence[str], share: list[int], progress: bool) -> dict[str, Any]:
+    """Run ReNO on prompts[share]; returns what the main process needs (uint8 images, rewards, history) and the
+    settings with every default resolved."""
     from diffalign.apps.score import progress_bar
-    from diffalign.infer.reno import MultiStep, reno
+    from diffalign.infer.reno import reno, resolved
+    from diffalign.io import quantize
     from diffalign.models import load_family
 
-    family = load_family(model, dtype=settings["dtype"], device=device)
-    multi_step = None
-    if settings["multi_step_model"] is not None:
-        same = settings["multi_step_model"] in (SAME_MODEL, model)
-        multi_step = MultiStep(
-            family=None if same else load_family(settings["multi_step_model"], dtype=settings["dtype"], device=device),
-            num_steps=settings["multi_steps"],
-            guidance_scale=settings["multi_guidance_scale"],
-        )
-    texts = [prompts[i] for i in share]
-    total = -(-len(share) // batch_size) * settings["iters"] if share else 0
+    family = load_family(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    if not share:
+        return {"indices": [], "history": [], "settings": dataclasses.asdict(resolved(cfg, family))}
+    total = -(-len(share) // cfg.batch_size) * cfg.iters
     with progress_bar(total, progress and sys.stderr.isatty(), label="ReNO iterations") as advance:
         result = reno(
-            family, texts, settings["reward"], seeds=[settings["seed"] + i for i in share], iters=settings["iters"],
-            lr=settings["lr"], num_steps=settings["num_steps"], guidance_scale=settings["guidance_scale"],
-            reg_weight=settings["reg_weight"], grad_clip=settings["grad_clip"], optimizer=settings["optimizer"],
-            starts=settings["starts"], start_fraction=settings["start_fraction"], checkpoint=settings["checkpoint"],
-            imageselect=settings["imageselect"], multi_step=multi_step, batch_size=batch_size, on_progress=advance,
-        ) if share else None  # fmt: skip
-    if result is None:
-        return {"indices": [], "history": []}
+            family, [prompts[i] for i in share], config=cfg, seeds=[cfg.seed + i for i in share], on_progress=advance
+        )
     for record in result.history:
         record["prompt"] = share[record["prompt"]]
     rendered = {}
     if result.multi_step_images is not None:
         rendered = {
-            "multi_step": as_uint8(result.multi_step_images),
-            "multi_step_initial": as_uint8(result.multi_step_initial_images),
+            "multi_step": quantize(result.multi_step_images),
+            "multi_step_initial": quantize(result.multi_step_initial_images),
         }
     return {
         "indices": share,
-        "initial": as_uint8(result.initial_images),
-        "best": as_uint8(result.images),
+        "initial": quantize(result.initial_images),
+        "best": quantize(result.images),
         **rendered,
         "initial_reward": result.initial_reward,
         "best_reward": result.best_reward,
         "best_iteration": result.best_iteration,
         "best_start": result.best_start,
         "history": result.history,
+        "settings": result.settings,
     }
-
-
-def as_uint8(images):
-    """Images in [0, 1] as uint8 (what the PNGs hold; a quarter of the bytes to gather across processes)."""
-    import torch
-
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def merge_shares(parts: list[dict[str, Any]], count: int) -> dict[str, Any]:
@@ -217,8 +171,7 @@ def write_outputs(work: Path, prompts: Sequence[str], merged: dict[str, Any], se
     write_images(work / "initial", merged["initial"], prompts, initial, "initial")
     write_images(work / "reno", merged["best"], prompts, best, "reno")
     if "multi_step" in merged:
-        rendered = {"model": settings["multi_step_model"], "num_steps": settings["multi_steps"]}
-        rendered["guidance_scale"] = settings["multi_guidance_scale"]
+        rendered = settings["multi_step"]
         for key, rows in (("multi_step", best), ("multi_step_initial", initial)):
             write_images(work / key, merged[key], prompts, [{**r, "rendered_by": rendered} for r in rows], key)
     lines = [json.dumps(history_row(record, prompts)) + "\n" for record in merged["history"]]

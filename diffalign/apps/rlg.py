@@ -69,8 +69,9 @@ def score_row(reward: Any, images: Any, prompts: list[str], scale: float | None,
     import torch
 
     from diffalign.apps.score import TOTAL, score_images
+    from diffalign.io import quantize
 
-    pixels = [(image.clamp(0, 1) * 255).round().to(torch.uint8) for image in images]
+    pixels = list(quantize(images))
     totals = torch.tensor([s[TOTAL] for s in score_images(reward, pixels, prompts, device)], dtype=torch.float64)
     se = totals.std().item() / math.sqrt(len(totals)) if len(totals) > 1 else 0.0
     return {"scale": scale, "n": len(totals), "mean": totals.mean().item(), "se": se}

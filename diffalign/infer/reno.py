@@ -3,6 +3,7 @@ against differentiable rewards, at inference time, for each prompt.
 
     from diffalign.infer.reno import reno
     result = reno(family, ["a red circle on a black background"], "toy-clip", num_steps=4, guidance_scale=4.5)
+    result = reno(family, prompts, config=RenoConfig(iters=20, optimizer="adam"))   # settings as a config
     result.images            # [B, 3, H, W] the best image seen per prompt (regulariser excluded)
     result.initial_images    # the images of the initial noise: the model without ReNO, same seeds
     result.history           # one record per prompt, iteration (and start): every reward component, K(z), |grad|
@@ -17,9 +18,9 @@ SGD and Adam act elementwise, so a batch gives the one-by-one results (up to flo
 The paper's control and transfer step, as in the official code (ExplainableML/ReNO bd6f6ac, `training/trainer.py`,
 `models/utils.py`): `imageselect=True` is best-of-N at equal reward evaluations — each iteration scores a fresh
 random noise (iteration 0 the prompt's own, so `initial_images` are ReNO's), no gradient, and the best image is
-kept; `multi_step=MultiStep(...)` re-renders the initial and the optimised noise with a multi-step model (the
-official `multi_apply`: FLUX-schnell itself at 4 steps, SDXL base at 50 with CFG 5 for SDXL-Turbo, SD 2.1 base at
-50 with CFG 7.5 for SD-Turbo) into `multi_step_images` / `multi_step_initial_images`.
+kept; `multi_step=MultiStepConfig(model=...)` re-renders the initial and the optimised noise with a multi-step
+model (the official `multi_apply`: FLUX-schnell itself at 4 steps, SDXL base at 50 with CFG 5 for SDXL-Turbo, SD 2.1
+base at 50 with CFG 7.5 for SD-Turbo) into `multi_step_images` / `multi_step_initial_images`.
 
 Beyond the paper, multi-start (`starts=S > 1`, off by default): `start_fraction` of the iteration budget is shared
 by S initial noises per prompt (each runs start_fraction * iters / S iterations), then the start with the best reward
@@ -29,6 +30,7 @@ passes per prompt is `iters` either way, so multi-start and one start compare at
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,19 +40,12 @@ import torch
 from torch import Tensor
 
 from diffalign.errors import UserError
+from diffalign.infer.configs import RENO_REWARD, SAME_MODEL, MultiStepConfig, RenoConfig
 from diffalign.infer.sample import initial_latents
 from diffalign.losses.reno import clip_grad_rows_, reno_loss
 from diffalign.models import Family, cond_select
 from diffalign.rewards import Reward, WeightedSum, load_reward, parse_differentiable_spec
 
-RENO_REWARD = "hpsv2=5,imagereward=1,clip:model=laion/CLIP-ViT-H-14-laion2B-s32B-b79K:weight=0.01,pickscore=0.05"
-"""The paper's reward mix (official code: HPSv2.1 5.0 on 1 - cos, ImageReward 1.0 on 2 - IR, CLIP ViT-H-14 0.01 on
-100 - 100 cos, PickScore 0.05 on 30 - 100 cos; aesthetic off). diffalign's rewards are hpsv2 = cos, imagereward =
-the normalised ImageReward, clip = 100 cos, pickscore = exp(logit_scale) cos = 100 cos, so the same weights apply to
-them unchanged and the constants (1, 2, 100, 30) drop out (official code: ExplainableML/ReNO bd6f6ac, `arguments.py`
-and `rewards/*.py`)."""
-
-OPTIMIZERS = ("sgd", "adam")
 DEFAULT_LR = {"sgd": 5.0, "adam": 0.2}
 """The learning rate of each optimizer unless given. SGD: the paper's 5.0. Adam: the official code
 (ExplainableML/ReNO `arguments.py`, bd6f6ac) has no lr of its own and runs Adam at the shared 5.0, which moves every
@@ -118,17 +113,6 @@ class RenoResult:
         return kept
 
 
-@dataclass
-class MultiStep:
-    """The model that re-renders ReNO's noise (the paper's `multi_apply`): a family whose latents have the ReNO
-    model's shape (None: the ReNO model itself), its sampling steps and CFG scale (None: its defaults)."""
-
-    family: Family | None = None
-    num_steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
-
-
 def resolve_reward(reward: str | Reward, family: Family) -> Reward:
     """The reward to optimise: a spec (checked to be differentiable, then loaded on the family's device, in its
     dtype on a GPU) or a Reward instance (which must be differentiable)."""
@@ -167,27 +151,32 @@ def phase_lengths(iters: int, starts: int, start_fraction: float) -> tuple[int, 
     return first, iters - starts * first
 
 
-def check_settings(
-    iters: int,
-    lr: float | None,
-    num_steps: int,
-    starts: int,
-    start_fraction: float,
-    optimizer: str,
-    imageselect: bool = False,
-) -> None:
-    """One-line UserErrors for settings that cannot run (`lr` None: the optimizer's default)."""
-    if iters < 1 or num_steps < 1 or starts < 1:
-        raise UserError("reno: --iters, --steps and --starts must be at least 1")
-    if imageselect and starts > 1:
-        raise UserError("reno: --imageselect draws a new noise every iteration: it takes no --starts")
-    if lr is not None and lr <= 0:
-        raise UserError(f"reno: the learning rate must be positive (got {lr})")
-    if not 0 < start_fraction <= 1:
-        raise UserError(f"reno: start_fraction must be in (0, 1] (got {start_fraction})")
-    if optimizer not in OPTIMIZERS:
-        raise UserError(f"reno: unknown optimizer {optimizer!r}; use {' or '.join(OPTIMIZERS)}")
-    phase_lengths(iters, starts, start_fraction)
+def check(config: RenoConfig) -> None:
+    """One-line UserErrors for settings that cannot run: of the wrong type or out of a field's bounds, or not
+    together."""
+    from diffalign.config import check_values
+
+    check_values(config)
+    if config.imageselect and config.starts > 1:
+        raise UserError("reno: imageselect draws a new noise every iteration: it takes no starts")
+    phase_lengths(config.iters, config.starts, config.start_fraction)
+
+
+def resolved(config: RenoConfig, family: Family) -> RenoConfig:
+    """`config` checked (`check`) and with every default that depends on something else filled in: the reward
+    (`RENO_REWARD`), 1 sampling step without CFG, the optimizer's lr, checkpointing when there is more than one
+    step, the family's resolution."""
+    check(config)
+    num_steps = config.num_steps or 1
+    return dataclasses.replace(
+        config,
+        reward=config.reward or RENO_REWARD,
+        num_steps=num_steps,
+        guidance_scale=1.0 if config.guidance_scale is None else config.guidance_scale,
+        lr=DEFAULT_LR[config.optimizer] if config.lr is None else config.lr,
+        checkpoint=num_steps > 1 if config.checkpoint is None else config.checkpoint,
+        resolution=config.resolution or family.sampling_defaults["resolution"],
+    )
 
 
 def make_optimizer(noise: Tensor, optimizer: str, lr: float, momentum: float) -> torch.optim.Optimizer:
@@ -236,83 +225,56 @@ class _Tracker:
 def reno(
     family: Family,
     prompts: Sequence[str],
-    reward: str | Reward = RENO_REWARD,
+    reward: str | Reward | None = None,
+    config: RenoConfig | None = None,
     *,
     seeds: Sequence[int] | None = None,
-    iters: int = 50,
-    lr: float | None = None,
-    num_steps: int = 1,
-    guidance_scale: float = 1.0,
-    negative_prompt: str | None = None,
-    resolution: int | None = None,
-    reg_weight: float = 0.01,
-    grad_clip: float = 0.1,
-    momentum: float = 0.9,
-    optimizer: str = "sgd",
-    starts: int = 1,
-    start_fraction: float = 0.5,
-    imageselect: bool = False,
-    multi_step: MultiStep | None = None,
-    checkpoint: bool | None = None,
-    batch_size: int | None = None,
     monitor: Reward | None = None,
     on_progress: Callable[[int], None] | None = None,
+    **settings: Any,
 ) -> RenoResult:
     """Optimise the initial noise of `family` for each prompt (see the module docstring); returns a RenoResult.
 
-    Paper defaults: 50 iterations, SGD lr 5.0 (`lr` None: `DEFAULT_LR` of the optimizer), momentum 0.9
-    (Nesterov), gradient norm clipped to 0.1, lambda_reg 0.01, one sampling step without CFG (guidance_scale 1.0; the
-    Turbos and FLUX-schnell are distilled for it), the reward `RENO_REWARD`. `seeds[b]` seeds prompt b's initial
-    noise (default: 0, 1, ...), as `sample_images` does, so `initial_images` are the family sampler's images for
-    those seeds. `imageselect`: best of `iters` random noises instead (no optimisation). `multi_step`: re-render the
-    initial and the best noise with that model. `checkpoint` (default: when num_steps > 1) recomputes each sampling
-    step in the backward pass instead of storing it. `batch_size` prompts are optimised together (default: all); the
-    family is frozen (eval mode, no weight gradients). `monitor`: a reward (differentiable or not, e.g. toy-gold)
-    scored on every iterate without gradient and logged in the history, never optimised. `on_progress(n)` is called
-    after each iteration with the iterations of budget done."""
+    The settings are those of `config` (default `RenoConfig()`: the paper's) with `settings` (its field names, e.g.
+    iters=20, optimizer="adam") replacing them; `reward` (a spec or a Reward instance) replaces `config.reward`.
+    `seeds[b]` seeds prompt b's initial noise (default: 0, 1, ...), as `sample_images` does, so `initial_images`
+    are the family sampler's images for those seeds. The family is frozen (eval mode, no weight gradients).
+    `monitor`: a reward (differentiable or not, e.g. toy-gold) scored on every iterate without gradient and logged
+    in the history, never optimised. `on_progress(n)` is called after each iteration with the iterations of budget
+    done. The settings the run used, every default resolved, are `result.settings`."""
     prompts = list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
     if not prompts or len(seeds) != len(prompts):
         raise ValueError("reno: give at least one prompt, and one seed per prompt")
-    check_settings(iters, lr, num_steps, starts, start_fraction, optimizer, imageselect)
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    reward_module = resolve_reward(reward, family)
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(RenoConfig)})
+    if unknown:
+        raise TypeError(f"reno: unknown settings {unknown}; the settings are RenoConfig's fields")
+    cfg = resolved(dataclasses.replace(config or RenoConfig(), **settings), family)
+    reward_module = resolve_reward(reward if reward is not None else cfg.reward, family)
     family.freeze()  # only the noise is optimised: no weight needs a gradient
-    settings = {
-        "iters": iters, "lr": lr, "num_steps": num_steps, "guidance_scale": guidance_scale, "reg_weight": reg_weight,
-        "grad_clip": grad_clip, "momentum": momentum, "optimizer": optimizer, "starts": starts,
-        "start_fraction": start_fraction, "imageselect": imageselect,
-        "resolution": resolution or family.sampling_defaults["resolution"],
-    }  # fmt: skip
     parts = []
-    step = batch_size or max(1, len(prompts))
-    for begin in range(0, len(prompts), step):
-        parts.append(
-            _optimise(
-                family, prompts[begin : begin + step], seeds[begin : begin + step], reward_module, settings,
-                negative_prompt, num_steps > 1 if checkpoint is None else checkpoint, monitor, on_progress, begin,
-            )
-        )  # fmt: skip
-    result = _merge(parts, prompts, seeds, settings)
-    if multi_step is not None:
-        render_multi_step(result, family, multi_step)
+    for begin in range(0, len(prompts), cfg.batch_size):
+        span = slice(begin, begin + cfg.batch_size)
+        parts.append(_optimise(family, prompts[span], seeds[span], reward_module, cfg, monitor, on_progress, begin))
+    result = _merge(parts, prompts, seeds, dataclasses.asdict(cfg))
+    if cfg.multi_step.model is not None:
+        render_multi_step(result, family, cfg.multi_step)
     return result
 
 
-def render_multi_step(result: RenoResult, family: Family, multi_step: MultiStep) -> None:
-    """Fill `result.multi_step_images` / `multi_step_initial_images`: the best and the initial noise rendered by
-    `multi_step.family` (default: `family`) with its steps and CFG."""
+def render_multi_step(result: RenoResult, family: Family, multi_step: MultiStepConfig) -> None:
+    """Fill `result.multi_step_images` / `multi_step_initial_images`: the best and the initial noise rendered by the
+    multi-step model (loaded on the family's device and in its dtype; 'same': the family itself)."""
     from diffalign.infer.sample import sample_from_noise
+    from diffalign.models import load_family
 
-    target = multi_step.family or family
+    target = family
+    if multi_step.model != SAME_MODEL:
+        target = load_family(multi_step.model, dtype=str(family.dtype).removeprefix("torch."), device=family.device)
     initial = initial_latents(family, result.seeds, result.settings["resolution"]).cpu()
-    options = {
-        "num_steps": multi_step.num_steps, "guidance_scale": multi_step.guidance_scale,
-        "negative_prompt": multi_step.negative_prompt,
-    }  # fmt: skip
+    options = {"num_steps": multi_step.num_steps, "guidance_scale": multi_step.guidance_scale}
     result.multi_step_images = sample_from_noise(target, result.prompts, result.noise, **options)
     result.multi_step_initial_images = sample_from_noise(target, result.prompts, initial, **options)
-    result.settings["multi_step"] = {"model": target.name, **options}
 
 
 def _merge(parts: list[RenoResult], prompts: list[str], seeds: list[int], settings: dict) -> RenoResult:
@@ -338,28 +300,24 @@ def _optimise(
     prompts: list[str],
     seeds: list[int],
     reward: Reward,
-    settings: dict,
-    negative_prompt: str | None,
-    checkpoint: bool,
+    cfg: RenoConfig,
     monitor: Reward | None,
     on_progress: Callable[[int], None] | None,
     offset: int,
 ) -> RenoResult:
     """ReNO on one chunk of prompts (history records carry prompt indices shifted by `offset`)."""
-    starts, kind = settings["starts"], settings["optimizer"]
-    lr, momentum = settings["lr"], settings["momentum"]
-    first, rest = phase_lengths(settings["iters"], starts, settings["start_fraction"])
+    starts, kind, lr, momentum = cfg.starts, cfg.optimizer, cfg.lr, cfg.momentum
+    first, rest = phase_lengths(cfg.iters, starts, cfg.start_fraction)
     count = len(prompts)
     cond_all = family.encode_prompts(prompts)
-    use_cfg = settings["guidance_scale"] != 1.0
-    uncond = family.encode_negative(negative_prompt) if use_cfg else None
+    uncond = family.encode_negative(cfg.negative_prompt) if cfg.guidance_scale != 1.0 else None
     weights = reward_weights(reward)
     # Rows: prompt b, start s at row b * starts + s.
     prompt_of_row = [b for b in range(count) for _ in range(starts)]
     start_of_row = [s for _ in range(count) for s in range(starts)]
     row_seeds = [start_seed(seeds[b], s) for b, s in zip(prompt_of_row, start_of_row, strict=True)]
-    select = settings["imageselect"]
-    noise = initial_latents(family, row_seeds, settings["resolution"]).float().requires_grad_(not select)
+    select = cfg.imageselect
+    noise = initial_latents(family, row_seeds, cfg.resolution).float().requires_grad_(not select)
     opt = None if select else make_optimizer(noise, kind, lr, momentum)
     tracker = _Tracker(count)
     history: list[dict[str, Any]] = []
@@ -370,20 +328,20 @@ def _optimise(
         rows_prompts = [prompts[b] for b in prompt_of_row]
         cond = cond_select(cond_all, torch.tensor(prompt_of_row, device=family.device))
         if opt is None and it > 0:  # best-of-N: a fresh noise per iteration, iteration 0 the prompt's own
-            noise = initial_latents(family, [start_seed(seed, it) for seed in row_seeds], settings["resolution"])
+            noise = initial_latents(family, [start_seed(seed, it) for seed in row_seeds], cfg.resolution)
         if opt is not None:
             opt.zero_grad(set_to_none=True)
         with torch.set_grad_enabled(opt is not None):
             latents = family.sample(
-                cond, uncond, latents=noise, num_steps=settings["num_steps"],
-                guidance_scale=settings["guidance_scale"], checkpoint=checkpoint,
+                cond, uncond, latents=noise, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                checkpoint=cfg.checkpoint,
             )  # fmt: skip
             images = family.decode(latents)
         components = reward.components(images, rows_prompts)
         if weights is None:
-            loss = reno_loss({"reward": reward.combine(components)}, {"reward": 1.0}, noise, settings["reg_weight"])
+            loss = reno_loss({"reward": reward.combine(components)}, {"reward": 1.0}, noise, cfg.reg_weight)
         else:
-            loss = reno_loss(components, weights, noise, settings["reg_weight"])
+            loss = reno_loss(components, weights, noise, cfg.reg_weight)
         weighted = -loss.reward_loss.detach()
         if it == 0:
             initial.setdefault("images", images.detach().float().cpu()[::starts].clone())
@@ -393,7 +351,7 @@ def _optimise(
             grad_norms = torch.zeros(len(prompt_of_row))
         else:
             loss.total.sum().backward()
-            grad_norms = clip_grad_rows_(noise.grad, settings["grad_clip"])
+            grad_norms = clip_grad_rows_(noise.grad, cfg.grad_clip)
         values = {name: value.detach().float().cpu().tolist() for name, value in components.items()}
         regulariser = loss.regulariser.detach().cpu().tolist()
         watched = {}
@@ -440,7 +398,7 @@ def _optimise(
         best_start=tracker.start,
         followed_start=followed,
         history=history,
-        settings=settings,
+        settings=dataclasses.asdict(cfg),
     )
 
 

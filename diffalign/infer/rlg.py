@@ -17,24 +17,28 @@ one wrapper module around the denoiser (`RLGDenoiser`), used
 - inside the family sampler: `with rl_guidance(family, 1.5): sample_images(family, ...)` (every `denoise` call of
   the family goes through the wrapper), or `family.sample(..., predict=rlg_predict(family, 1.5))`.
 
-`zero_init_step=k` uses the fine-tuned prediction alone for the first k sampling steps (the official code's
-`zero_init_step`). With a LoRA, the base pass is a call in which peft routes every sample to "__base__" (adapters
-off, `adapter_names`), the fine-tuned pass a plain call. `batched=True` runs both in ONE call of the doubled batch
-(peft routes each half); on 2 CPU cores that was slower (the toy UNet, rank-8 LoRA: 1.94-1.98x a plain call vs
-1.72-1.87x for two calls at batch 8 and 128; `scripts/bench.py rlg`), so two calls are the default. One call may win
-where per-call overhead dominates (small batches on a GPU): measure there.
+The settings are `diffalign.infer.configs.RLGConfig` (scale, zero_init_step, batched): every entry point takes a
+scale or a config, and the other settings by name. `zero_init_step=k` uses the fine-tuned prediction alone for the
+first k sampling steps (the official code's `zero_init_step`). With a LoRA, the base pass is a call in which peft
+routes every sample to "__base__" (adapters off, `adapter_names`), the fine-tuned pass a plain call. `batched=True`
+runs both in ONE call of the doubled batch (peft routes each half); on 2 CPU cores that was slower (the toy UNet,
+rank-8 LoRA: 1.94-1.98x a plain call vs 1.72-1.87x for two calls at batch 8 and 128; `scripts/bench.py rlg`), so two
+calls are the default. One call may win where per-call overhead dominates (small batches on a GPU): measure there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from diffalign.config import check_values
 from diffalign.errors import UserError
+from diffalign.infer.configs import RLGConfig
 from diffalign.models import Family, family_class
 from diffalign.models.base import PredictFn
 
@@ -62,23 +66,20 @@ class RLGDenoiser(nn.Module):
     def __init__(
         self,
         denoiser: nn.Module,
-        scale: float,
+        config: RLGConfig,
         *,
         finetuned: nn.Module | None = None,
         base: nn.Module | None = None,
-        zero_init_step: int = 0,
-        batched: bool = False,
         unbatched: Sequence[str] = (),
     ):
         super().__init__()
         if finetuned is not None and base is not None:
             raise ValueError("RLG: give the second denoiser as finetuned= or as base=, not both")
-        if zero_init_step < 0:
-            raise ValueError(f"RLG: zero_init_step must be >= 0, got {zero_init_step}")
+        check_values(config)
         self.denoiser = denoiser
         self.other = finetuned if finetuned is not None else base
         self.other_is_finetuned = finetuned is not None
-        self.scale, self.zero_init_step = float(scale), int(zero_init_step)
+        self.scale, self.zero_init_step = float(config.scale), int(config.zero_init_step)
         self.unbatched = frozenset(unbatched)
         self._layers: list[nn.Module] = []
         self._adapter: str | None = None
@@ -95,7 +96,7 @@ class RLGDenoiser(nn.Module):
             uses_dora = any(layer.use_dora.get(name, False) for layer in self._layers for name in active)
             # peft routes one adapter per sample: several active adapters (or DoRA) need the two-call path.
             self._adapter = active[0] if len(active) == 1 and not uses_dora else None
-        self.batched = batched and self.other is None and self._adapter is not None
+        self.batched = config.batched and self.other is None and self._adapter is not None
         self._last_t: float | None = None
         self._step = 0
         self.calls = 0
@@ -237,42 +238,43 @@ def with_output_tensor(out: Any, tensor: Tensor) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------------ entry points
+def rlg_config(scale: float | RLGConfig, settings: Mapping[str, Any]) -> RLGConfig:
+    """The RLG settings of an entry point: a config, or a scale and `settings` (RLGConfig's other fields, e.g.
+    zero_init_step=2, batched=True)."""
+    if isinstance(scale, RLGConfig):
+        return dataclasses.replace(scale, **settings)
+    return RLGConfig(scale=float(scale), **settings)
+
+
 def rlg_denoiser(
     target: Any,
-    scale: float,
+    scale: float | RLGConfig,
     *,
     finetuned: nn.Module | None = None,
     base: nn.Module | None = None,
-    zero_init_step: int = 0,
-    batched: bool = False,
+    **settings: Any,
 ) -> RLGDenoiser:
     """The RLG wrapper of the denoiser of `target` (a Family or a stock diffusers pipeline); see `RLGDenoiser`."""
     family = type(target) if isinstance(target, Family) else family_class(target)
     denoiser = target.denoiser if isinstance(target, Family) else getattr(target, family.denoiser_attr)
     if isinstance(denoiser, RLGDenoiser):
         raise ValueError("RLG: this denoiser is already guided (nested rl_guidance blocks)")
-    return RLGDenoiser(
-        denoiser,
-        scale,
-        finetuned=finetuned,
-        base=base,
-        zero_init_step=zero_init_step,
-        batched=batched,
-        unbatched=family.unbatched_denoiser_inputs,
-    )
+    config = rlg_config(scale, settings)
+    inputs = family.unbatched_denoiser_inputs
+    return RLGDenoiser(denoiser, config, finetuned=finetuned, base=base, unbatched=inputs)
 
 
 @contextlib.contextmanager
 def rl_guidance(
     target: Any,
-    scale: float,
+    scale: float | RLGConfig,
     *,
     finetuned: nn.Module | None = None,
     base: nn.Module | None = None,
-    zero_init_step: int = 0,
-    batched: bool = False,
+    **settings: Any,
 ) -> Iterator[RLGDenoiser]:
-    """Within the block, `target` samples with RL guidance at `scale`.
+    """Within the block, `target` samples with RL guidance at `scale` (a number, or an RLGConfig; `settings` are
+    RLGConfig's other fields: zero_init_step, batched).
 
     `target` is a stock diffusers pipeline (StableDiffusion, SDXL, SD3, FLUX; its `unet` / `transformer` is the
     wrapper during the block, restored after) or a diffalign Family (every `denoise` call goes through the wrapper,
@@ -284,9 +286,7 @@ def rl_guidance(
         with rl_guidance(pipe, 1.5):
             image = pipe("a cat", guidance_scale=7.5).images[0]
     """
-    wrapper = rlg_denoiser(
-        target, scale, finetuned=finetuned, base=base, zero_init_step=zero_init_step, batched=batched
-    )
+    wrapper = rlg_denoiser(target, scale, finetuned=finetuned, base=base, **settings)
     if isinstance(target, Family):
         with target.calling(wrapper):
             yield wrapper
@@ -303,17 +303,14 @@ def rl_guidance(
 
 def rlg_predict(
     family: Family,
-    scale: float,
+    scale: float | RLGConfig,
     *,
     finetuned: nn.Module | None = None,
     base: nn.Module | None = None,
-    zero_init_step: int = 0,
-    batched: bool = False,
+    **settings: Any,
 ) -> PredictFn:
     """A prediction hook for `family.sample(..., predict=...)`: the family's prediction (with its CFG) under RLG."""
-    wrapper = rlg_denoiser(
-        family, scale, finetuned=finetuned, base=base, zero_init_step=zero_init_step, batched=batched
-    )
+    wrapper = rlg_denoiser(family, scale, finetuned=finetuned, base=base, **settings)
 
     def predict(x: Tensor, t: Tensor | float, cond: dict, uncond: dict | None, guidance_scale: float) -> Tensor:
         with family.calling(wrapper):

@@ -35,6 +35,9 @@ class Method:
     """Its sizes in the quick demo (`diffalign demo --quick`), a smoke run."""
     bench: bool = False
     """Whether it has a benchmark, `scripts/bench_<name>.py` (`python scripts/bench.py <name>`)."""
+    smoke: tuple[str, ...] = ()
+    """key=value overrides that make a training run of a few seconds on a tiny model (its config's sizes that matter
+    for speed), for the contract tests every training method passes."""
 
     @property
     def trains(self) -> bool:
@@ -60,12 +63,12 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "inpo", "DDIM-InPO", "training", "diffalign.train.inpo", "diffalign.apps.sections.inpo:inpo_section",
-            full={"steps": 100}, quick={"steps": 40}, bench=True,
+            full={"steps": 100}, quick={"steps": 40}, bench=True, smoke=("inpo.inversion_steps=3",),
         ),
         Method(
             "alignprop", "AlignProp", "training", "diffalign.train.alignprop",
             "diffalign.apps.sections.alignprop:alignprop_section",
-            full={"steps": 15}, quick={"steps": 4}, bench=True,
+            full={"steps": 15}, quick={"steps": 4}, bench=True, smoke=("alignprop.num_steps=3",),
         ),
         Method(
             "reno", "ReNO", "inference", "diffalign.infer.reno", "diffalign.apps.sections.reno:reno_section",

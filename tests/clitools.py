@@ -57,6 +57,19 @@ def exit_code_of(main, args: list[str]) -> int:
     return 0
 
 
+def train_in_process(overrides: list[str], config: Path | None = None) -> Path:
+    """`diffalign train` of `config` (or of the overrides alone, which then name the method) in this process, with a
+    fresh accelerate state before and after; the folder of the final LoRA (or denoiser)."""
+    from diffalign.processes import reset_accelerate_state
+    from diffalign.train import load_train_config, train
+
+    reset_accelerate_state()
+    try:
+        return train(load_train_config(config, overrides))
+    finally:
+        reset_accelerate_state()
+
+
 def wait_for_checkpoint(out: Path, step: int = 1, timeout: float = 300) -> None:
     """Poll until `out` holds a complete checkpoint of step >= `step` (a run in another process), or `timeout`."""
     deadline = time.time() + timeout

@@ -1,6 +1,7 @@
 """The AlignProp recipe: where gradients go (LoRA only, only the steps after the cut), checkpointed = plain gradients,
-smoke runs of the shipped configs on every family, resume after kill -9, 2-rank DDP, config errors before the model
-loads, the best-weights and early-stop guards."""
+the official settings of the shipped configs, the random draws on resume, config errors before the model loads, the
+best-weights and early-stop guards, the negative prompt. Every family, stock LoRA loading, kill -9 and DDP:
+tests/test_method_contracts.py."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import assert_resume_after_kill_9_is_bit_exact, run_cli
+from clitools import run_cli, train_in_process
 from conftest import build_family
-from distributed import failure, launch_two_ranks
 from safetensors.torch import load_file
 
 from diffalign.errors import UserError
-from diffalign.processes import reset_accelerate_state
 from diffalign.rewards import load_reward
 from diffalign.train import checkpoint, load_train_config
 from diffalign.train.alignprop import AlignPropConfig, alignprop_step
@@ -26,14 +25,8 @@ PROMPT_FILE = "hps_v2_all.txt"  # the official HPD-v2 prompt list the real confi
 PROMPTS = ["a red circle", "a blue square"]
 
 
-def train_in_process(overrides: list[str], config: Path | None = None) -> Path:
-    from diffalign.train import train
-
-    reset_accelerate_state()
-    try:
-        return train(load_train_config(config, ["method=alignprop", *overrides]))
-    finally:
-        reset_accelerate_state()
+def train_alignprop(overrides: list[str], config: Path | None = None) -> Path:
+    return train_in_process(["method=alignprop", *overrides], config)
 
 
 def tiny_overrides(out: Path, kind: str = "sd") -> list[str]:
@@ -129,50 +122,41 @@ def test_checkpointed_and_plain_gradients_agree(truncation):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("name", "kind", "precision"),
-    [("sd15", "sd", "bf16"), ("sdxl", "sdxl", "no"), ("sd3", "sd3", "no"), ("flux", "flux", "no")],
-)
-def test_shipped_config_runs_on_the_tiny_model_of_its_family(name, kind, precision, tmp_path):
-    """A shipped config runs with only the model, reward, prompts and sizes swapped: its sampler, truncation,
-    guards (best_by, early_stop) and, for SD 1.5, everything a real config turns on (half-precision frozen parts,
-    bf16 autocast; 6x slower on CPU, so the other families run in float32)."""
-    out = tmp_path / name
+@pytest.mark.parametrize(("name", "kind"), [("sd15", "sd"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux", "flux")])
+def test_shipped_configs_carry_the_official_settings(name, kind):
+    """The official HPSv2 K = 1 run (mihirp1998/AlignProp HEAD b22918a, hps_k1.sh) where the family samples like
+    SD 1.5; that each config runs on its family's tiny model: tests/test_method_contracts.py."""
     shipped = load_train_config(CONFIGS / f"{name}.yaml")
-    # the official settings (mihirp1998/AlignProp HEAD b22918a, hps_k1.sh) where the family samples like SD 1.5
     assert (shipped.alignprop.reward, shipped.alignprop.k, shipped.data.source) == ("hpsv2:version=2.0", 1, PROMPT_FILE)
+    assert shipped.optim.lr == 1e-3 and shipped.validation.best_by == "val/heldout"
     if kind in ("sd", "sdxl"):
         assert (shipped.alignprop.num_steps, shipped.alignprop.guidance_scale, shipped.alignprop.eta) == (50, 5.0, 1.0)
+
+
+def test_the_sd15_config_validates_with_the_optimised_reward_and_keeps_the_best(tmp_path):
+    """SD 1.5's config on its tiny model with everything it turns on (half-precision frozen parts, bf16 autocast):
+    the loss is -scale x reward, validation uses the optimised reward, the best step is recorded."""
+    out = tmp_path / "sd15"
     prompts = tmp_path / PROMPT_FILE  # what a user fetches; the official list is not shipped
     prompts.write_text("a red circle\na blue square\n")
     overrides = [
-        *tiny_overrides(out, kind),
-        "data.prompts=[]",
-        f"data.source={prompts}",
-        "max_steps=1",
-        "gradient_accumulation_steps=1",
-        "validation.prompts=[a red circle]",
-        "validation.every=1",
-        "validation.num_steps=2",
-        "validation.heldout_reward=toy-clip",
-    ]
-    if precision == "no":
-        overrides += ["mixed_precision=no", "model.dtype=float32"]
-    cfg = load_train_config(CONFIGS / f"{name}.yaml", overrides)
-    assert cfg.alignprop.k == 1 and cfg.optim.lr == 1e-3 and cfg.validation.best_by == "val/heldout"
-    assert train_in_process(overrides, CONFIGS / f"{name}.yaml") == out / "lora"
+        *tiny_overrides(out, "sd"), "data.prompts=[]", f"data.source={prompts}", "max_steps=1",
+        "gradient_accumulation_steps=1", "validation.prompts=[a red circle]", "validation.every=1",
+        "validation.num_steps=2", "validation.heldout_reward=toy-clip",
+    ]  # fmt: skip
+    cfg = load_train_config(CONFIGS / "sd15.yaml", overrides)
+    assert train_alignprop(overrides, CONFIGS / "sd15.yaml") == out / "lora"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     (step,) = [r for r in rows if "loss" in r]
     assert step["step"] == 1 and step["loss"] == pytest.approx(-cfg.alignprop.reward_scale * step["reward"])
     assert [r["step"] for r in rows if "val/reward" in r] == [0, 1]  # validated with the optimised reward
     summary = json.loads((out / "summary.json").read_text())
     assert summary["optimizer_steps"] == 1 and summary["skipped_prompts"] == 0 and summary["best"]["step"] in (0, 1)
-    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_eta_on_a_flow_model_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"alignprop.eta=1.0: sd3 samples with the deterministic flow-matching Euler"):
-        train_in_process([*tiny_overrides(tmp_path, "sd3"), "alignprop.eta=1", "max_steps=1"])
+        train_alignprop([*tiny_overrides(tmp_path, "sd3"), "alignprop.eta=1", "max_steps=1"])
 
 
 def test_best_weights_are_kept_and_a_falling_heldout_reward_stops_the_run(tmp_path):
@@ -188,13 +172,13 @@ def test_best_weights_are_kept_and_a_falling_heldout_reward_stops_the_run(tmp_pa
         "validation.early_stop=2",
         "checkpoint_every=1",
     ]
-    train_in_process([*tiny_overrides(tmp_path / "run"), *guards])
+    train_alignprop([*tiny_overrides(tmp_path / "run"), *guards])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["stopped_early"] is True
     assert summary["best"] == {"metric": "val/heldout", "value": 2.0, "step": 1}
     best = tmp_path / "run" / "best"
     assert json.loads((best / "diffalign_best.json").read_text())["step"] == 1
-    train_in_process([*tiny_overrides(tmp_path / "one"), "max_steps=1"])  # the same run, stopped after step 1
+    train_alignprop([*tiny_overrides(tmp_path / "one"), "max_steps=1"])  # the same run, stopped after step 1
     weights = lambda folder: load_file(folder / "pytorch_lora_weights.safetensors")  # noqa: E731
     one, kept, final = weights(tmp_path / "one" / "lora"), weights(best), weights(tmp_path / "run" / "lora")
     assert all(torch.equal(one[key], kept[key]) for key in one)
@@ -206,53 +190,20 @@ def test_best_weights_are_kept_and_a_falling_heldout_reward_stops_the_run(tmp_pa
             import shutil
 
             shutil.rmtree(folder)
-    train_in_process([*tiny_overrides(tmp_path / "run"), *guards])
+    train_alignprop([*tiny_overrides(tmp_path / "run"), *guards])
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
 
 
-TINY_RUN = """method: alignprop
-model:
-  name: tiny-sd
-  resolution: 32
-alignprop:
-  reward: toy-clip
-  num_steps: 3
-  eta: 1.0
-  truncation: random
-  kl_weight: 1.0
-data:
-  prompts: [a red circle, a blue square, a green triangle]
-batch_size: 2
-report_to: none
-log_every: 1
-"""
-
-
-def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
-    config = tmp_path / "cfg.yaml"
-    config.write_text(TINY_RUN + "max_steps: 12\ncheckpoint_every: 2\n")
-    assert_resume_after_kill_9_is_bit_exact(config, tmp_path, kill_at=4, max_steps=12)
-
-
-def test_two_rank_ddp_run_keeps_ranks_identical(tmp_path):
-    out = tmp_path / "ddp"
-    config = tmp_path / "cfg.yaml"
-    config.write_text(
-        TINY_RUN + f"max_steps: 3\ncheckpoint_every: 2\noutput_dir: {out}\n"
-        "validation:\n  prompts: [a red circle]\n  every: 1\n  num_steps: 1\n  best_by: val/reward\n  early_stop: 5\n"
-    )
-    result = launch_two_ranks(["-m", "diffalign", "train", str(config)])
-    assert result.returncode == 0, failure(result)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 3 and summary["optimizer_steps"] == 3
-    first, second = summary["rank_weight_sha256"]
-    assert first == second
-    states = [
-        torch.load(out / "checkpoints" / "checkpoint-2" / f"train_state-{r}.pt", weights_only=True) for r in (0, 1)
-    ]
-    assert states[0]["data_position"] == states[1]["data_position"] == 4  # 2 steps x 2 prompts, on each rank
-    assert not torch.equal(states[0]["generator"], states[1]["generator"])  # different noise per rank
-    assert (out / "best" / "pytorch_lora_weights.safetensors").is_file()
+def test_the_random_draws_resume_with_the_checkpointed_generator(tmp_path):
+    """The random cut-off, the DDIM noise (eta 1) and the prompts' order come from the checkpointed generator and
+    position: 2 steps then 2 resumed equal 4 straight, bit for bit (the kill -9 contract runs the toy config, which
+    draws neither)."""
+    random_draws = ["alignprop.truncation=random", "alignprop.eta=1.0", "alignprop.kl_weight=1.0", "checkpoint_every=2"]
+    straight = train_alignprop([*tiny_overrides(tmp_path / "a"), *random_draws, "max_steps=4"])
+    train_alignprop([*tiny_overrides(tmp_path / "b"), *random_draws, "max_steps=2"])
+    resumed = train_alignprop([*tiny_overrides(tmp_path / "b"), *random_draws, "max_steps=4"])
+    summaries = [json.loads((run.parent / "summary.json").read_text()) for run in (straight, resumed)]
+    assert summaries[0]["rank_weight_sha256"] == summaries[1]["rank_weight_sha256"]
 
 
 @pytest.mark.parametrize(
@@ -303,5 +254,5 @@ def test_the_negative_prompt_conditions_training_and_by_default_validation(extra
 
     monkeypatch.setattr(SDFamily, "encode_negative", spy)
     overrides = [*tiny_overrides(tmp_path / "run"), "max_steps=1", "alignprop.guidance_scale=3.0", *extra]
-    train_in_process([*overrides, "validation.prompts=[a red circle]", "validation.guidance_scale=3.0"])
+    train_alignprop([*overrides, "validation.prompts=[a red circle]", "validation.guidance_scale=3.0"])
     assert asked == expected  # once for training, once for the final validation

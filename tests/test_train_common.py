@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from clitools import wait_for_checkpoint
+from clitools import train_in_process, wait_for_checkpoint
 from pairdata import write_parquet
-from test_train_dpo import train_in_process
 
 from diffalign.config import ValidationConfig
 from diffalign.errors import UserError
@@ -33,7 +32,7 @@ def tiny_run(out: Path, source: Path, *extra: str) -> Path:
         "model.name=tiny-sd", f"data.source={source}", f"output_dir={out}", "batch_size=2", "max_steps=2",
         "checkpoint_every=1", "log_every=1", "report_to=none", "validation.enabled=false",
     ]  # fmt: skip
-    return train_in_process([*base, *extra])
+    return train_in_process(["method=dpo", *base, *extra])
 
 
 def metric_steps(out: Path) -> list[int]:

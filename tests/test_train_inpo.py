@@ -1,5 +1,6 @@
-"""The DDIM-InPO recipe: InPO is DPO on a forward-noised latent, the policy inverts (unless configured), smoke runs
-on every family with stock LoRA loading, a full fine-tune, resume after kill -9, 2-rank DDP."""
+"""The DDIM-InPO recipe: InPO is DPO on a forward-noised latent, the policy inverts (unless configured) along the
+grid at each step's destination timestep, in the calls the grid needs, a full fine-tune. Every family, stock LoRA
+loading, kill -9 and DDP: tests/test_method_contracts.py."""
 
 from __future__ import annotations
 
@@ -8,27 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import assert_resume_after_kill_9_is_bit_exact
-from conftest import build_family, build_pipeline
+from clitools import train_in_process
+from conftest import build_family
 from distributed import failure, launch_two_ranks
 from pairdata import write_parquet
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from diffalign.models import Family, cond_select
-from diffalign.processes import reset_accelerate_state
 from diffalign.train import inpo, load_train_config
 from diffalign.train.dpo import DPOConfig, dpo_step
 from diffalign.train.inpo import InPOConfig, inpo_step
 
 
-def train_in_process(overrides: list[str]) -> Path:
-    from diffalign.train import train
-
-    reset_accelerate_state()
-    try:
-        return train(load_train_config(None, ["method=inpo", *overrides]))
-    finally:
-        reset_accelerate_state()
+def train_inpo(overrides: list[str]) -> Path:
+    return train_in_process(["method=inpo", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +160,9 @@ def adapters_on(family: Family) -> bool:
     return bool(layers) and not any(layer.disable_adapters for layer in layers)
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux"])
-def test_recipe_runs_on_every_family_and_its_lora_loads_in_a_stock_pipeline(kind, pairs_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_the_policy_inverts_and_training_starts_at_the_reference(kind, pairs_file, tmp_path, monkeypatch):
+    """A UNet and a flow family (every family runs and its LoRA loads in a stock pipeline: test_method_contracts)."""
     calls = []
     walk = Family.walk
 
@@ -177,7 +172,7 @@ def test_recipe_runs_on_every_family_and_its_lora_loads_in_a_stock_pipeline(kind
 
     monkeypatch.setattr(Family, "walk", spy)
     out = tmp_path / "run"
-    final = train_in_process([*base_overrides(kind, pairs_file, out), "validation.prompts=[a red circle]"])
+    final = train_inpo([*base_overrides(kind, pairs_file, out), "validation.prompts=[a red circle]"])
     assert calls and all(calls)  # inverted by the policy (steps: 1 or 2 per step, by t)
     assert final == out / "lora" and (final / "pytorch_lora_weights.safetensors").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -188,14 +183,6 @@ def test_recipe_runs_on_every_family_and_its_lora_loads_in_a_stock_pipeline(kind
     summary = json.loads((out / "summary.json").read_text())
     assert summary["optimizer_steps"] == 2 and (out / "validation" / "step-000002.png").is_file()
     assert load_train_config(out / "config.yaml").method == "inpo"
-    pipe = build_pipeline(kind)
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "pt"}
-    if kind in ("sd3", "flux"):
-        kwargs["max_sequence_length"] = 32
-    base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
-    pipe.load_lora_weights(str(final))
-    tuned = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert (tuned - base).abs().max() > 1e-5
 
 
 @pytest.mark.parametrize("name,kind", [("sd15", "sd"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux", "flux")])
@@ -205,57 +192,9 @@ def test_shipped_config_loads_with_the_paper_defaults(name, kind):
     assert cfg.inpo.inverter == "policy" and cfg.inpo.beta == {"sd15": 2000, "sdxl": 5000}.get(name, cfg.inpo.beta)
 
 
-def test_a_shipped_config_runs_on_cpu_with_the_tiny_model_of_its_family(pairs_file, tmp_path):
-    """What a real config turns on (half-precision frozen parts, bf16 autocast, gradient checkpointing, a stream
-    decoded on threads) with the inversion; only model, data and sizes are swapped (SD3: the flow analogue)."""
-    config = Path(__file__).parents[1] / "configs" / "inpo" / "sd3.yaml"
-    out = tmp_path / "sd3"
-    overrides = [
-        "model.name=tiny-sd3", "model.resolution=32", f"data.source={pairs_file}", f"output_dir={out}",
-        "max_steps=1", "batch_size=2", "gradient_accumulation_steps=1", "report_to=none", "validation.prompts=[]",
-        "inpo.inversion_steps=2",
-    ]  # fmt: skip
-    cfg = load_train_config(config, overrides)
-    assert cfg.data.streaming and cfg.gradient_checkpointing and cfg.mixed_precision == "bf16"
-    reset_accelerate_state()
-    try:
-        from diffalign.train import train
-
-        assert train(cfg) == out / "lora"
-    finally:
-        reset_accelerate_state()
-
-
 def test_full_finetune_with_the_reference_inverting_saves_the_denoiser(pairs_file, tmp_path):
     """The optional path: no LoRA (the reference is a frozen copy), inverted by that reference, bf16 autocast."""
     out = tmp_path / "full"
     overrides = [*base_overrides("sd", pairs_file, out), "lora.enabled=false", "max_steps=1", "mixed_precision=bf16"]
-    final = train_in_process([*overrides, "inpo.inverter=reference", "optim.optimizer=adafactor"])
+    final = train_inpo([*overrides, "inpo.inverter=reference", "optim.optimizer=adafactor"])
     assert (final / "config.json").is_file() and list(final.glob("*.safetensors"))
-
-
-def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(pairs_file, tmp_path):
-    config = tmp_path / "cfg.yaml"
-    config.write_text(
-        f"method: inpo\nmodel:\n  name: tiny-sd\ndata:\n  source: {pairs_file}\n  empty_prompt_fraction: 0.3\n"
-        "batch_size: 2\nmax_steps: 10\ncheckpoint_every: 2\nlog_every: 1\nreport_to: none\n"
-        "optim:\n  lr: 1.0e-3\ninpo:\n  beta: 500\n  inversion_steps: 3\n"
-    )
-    assert_resume_after_kill_9_is_bit_exact(config, tmp_path, kill_at=4, max_steps=10)
-
-
-def test_two_rank_ddp_run_keeps_ranks_identical(pairs_file, tmp_path):
-    """SD3 on purpose: its transformer has a buffer, which DDP broadcasts on every forward, so the ranks must make
-    the same number of inversion calls."""
-    out = tmp_path / "ddp"
-    config = tmp_path / "cfg.yaml"
-    config.write_text(
-        f"method: inpo\nmodel:\n  name: tiny-sd3\ndata:\n  source: {pairs_file}\nbatch_size: 1\nmax_steps: 2\n"
-        f"checkpoint_every: 0\nreport_to: none\noutput_dir: {out}\noptim:\n  lr: 1.0e-3\ninpo:\n  inversion_steps: 3\n"
-    )
-    result = launch_two_ranks(["-m", "diffalign", "train", str(config)])
-    assert result.returncode == 0, failure(result)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["optimizer_steps"] == 2
-    first, second = summary["rank_weight_sha256"]
-    assert first == second

@@ -152,7 +152,7 @@ def generate(
     texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])
     if not texts:
         raise UserError("give at least one --prompt or a --prompts file")
-    from diffalign.apps.rlg import check_rlg_inputs
+    from diffalign.apps.generate import check_rlg_inputs
 
     scales = check_rlg_inputs(lora, denoiser, rlg_scale, rlg_sweep, score)  # folders and specs, before torch
     from diffalign.config import load_config

@@ -59,12 +59,15 @@ class LoraConfig:
     """LoRA adapter on the denoiser (UNet or transformer). `enabled: false` means a full fine-tune."""
 
     enabled: bool = True
+    """true: a LoRA adapter on the denoiser (the other weights frozen); false: train every denoiser weight."""
     rank: int = bounded(4, ge=1)
+    """LoRA rank r of each adapted layer."""
     alpha: float | None = bounded(None, gt=0)
     """LoRA alpha; default = rank (scale 1)."""
     targets: list[str] | None = None
     """Module names to adapt; default: the family's attention projections."""
     dropout: float = bounded(0.0, ge=0, le=1)
+    """Dropout on the LoRA branch's input (0 = off)."""
 
 
 @dataclass
@@ -74,8 +77,11 @@ class TimestepConfig:
     weighting: Literal["default", "uniform", "logit_normal", "mode"] = "default"
     """default: the family's reference (uniform for SD/SDXL/FLUX, logit_normal for SD3 as diffusers' SD3 scripts)."""
     logit_mean: float = 0.0
+    """Mean of the normal whose sigmoid is u (logit_normal; diffusers' SD3 scripts: 0)."""
     logit_std: float = bounded(1.0, gt=0)
+    """Std of that normal (logit_normal; diffusers' SD3 scripts: 1)."""
     mode_scale: float = 1.29
+    """The scale of the mode weighting (Esser et al. 2024, eq. 20; diffusers' default 1.29)."""
 
 
 @dataclass
@@ -85,17 +91,25 @@ class DataConfig:
     source: str = ""
     """A hub dataset id or a local .parquet/.jsonl/.csv file (image paths or bytes)."""
     split: str = "train"
+    """The split of a hub dataset."""
     streaming: bool = False
+    """Read a hub dataset as a stream (in order, resumable by position) instead of downloading it whole first."""
     caption_column: str = "caption"
+    """The column holding the prompt."""
     image_columns: list[str] = field(default_factory=lambda: ["jpg_0", "jpg_1"])
+    """The two image columns (encoded bytes or file paths) of a pair."""
     label_column: str = "label_0"
+    """The preference column: 1 = the first image is preferred, 0 = the second, 0.5 = a tie."""
     keep_ties: bool = False
     """Keep label 0.5 pairs with half weight in both orders (default: drop them, as the paper does)."""
     empty_prompt_fraction: float = bounded(0.2, ge=0, le=1)
     """Fraction of captions replaced by "" (so the model keeps an unconditional mode for CFG)."""
     random_flip: bool = True
+    """Flip both images of a pair horizontally with probability 1/2 (diffusers' DPO scripts)."""
     random_crop: bool = False
+    """Crop a random square of the resized images instead of the centre."""
     max_pairs: int | None = bounded(None, ge=1)
+    """Use only the first N usable pairs (None: all)."""
     num_workers: int = bounded(0, ge=0)
     """Decoding workers: DataLoader processes for a map-style table; threads for a stream (read once, in order)."""
     cache_dir: str | None = None
@@ -121,14 +135,21 @@ class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
     optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"
+    """AdamW (default), Adafactor (SF-DPO's full fine-tune choice, less optimizer memory) or plain SGD."""
     lr: float = bounded(1e-4, gt=0)
+    """Learning rate (with scale_lr: per image, multiplied by the effective batch)."""
     weight_decay: float = bounded(1e-2, ge=0)
+    """Decoupled weight decay (AdamW, Adafactor) or L2 (SGD)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's (beta1, beta2)."""
     eps: float = bounded(1e-8, gt=0)
+    """AdamW's epsilon."""
     max_grad_norm: float = bounded(1.0, ge=0)
     """Gradient clipping norm (0 = no clipping)."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    """diffusers' learning-rate schedule, stepped once per optimizer step."""
     warmup_steps: int = bounded(0, ge=0)
+    """Optimizer steps of linear warm-up (constant_with_warmup, linear, cosine)."""
     scale_lr: bool = False
     """Multiply lr by batch size x accumulation x processes (diffusers' `--scale_lr`)."""
 
@@ -150,12 +171,16 @@ class ValidationConfig:
     """A second reward spec logged beside it and never optimised (on the toy world the gold checker, toy-gold): when
     the optimised reward rises and this one falls, the model is hacking the reward."""
     num_images: int = bounded(1, ge=1)
+    """Images per validation prompt (image i uses seed + i)."""
     num_steps: int | None = bounded(None, ge=1)
+    """Sampling steps of the validation images; default: the model's."""
     guidance_scale: float | None = bounded(None, ge=0)
+    """CFG scale of the validation images; default: the model's."""
     negative_prompt: str | None = None
     """The CFG negative prompt of the validation images; None: the method's training one where it has one
     (AlignProp's `alignprop.negative_prompt`), else the model's stock default."""
     seed: int = 1234
+    """Seed of the first validation image (the same images at every validation)."""
     best_by: str | None = None
     """A validation metric, higher is better (e.g. val/heldout, val/heldout/all_correct): the trainable weights at its
     best value (the model before training included) are kept in output_dir/best."""
@@ -175,13 +200,19 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     output_dir: str = "runs/train"
+    """The run's folder: run.json, metrics.jsonl, checkpoints/, validation/, the final lora/ (or denoiser/)."""
     seed: int = 0
+    """Seed of the run: LoRA init, data order, training noise (a different stream on every process)."""
     max_steps: int = bounded(2000, ge=1)
+    """Optimizer steps to train for (a resumed run may raise it)."""
     batch_size: int = bounded(1, ge=1)
     """Items (pairs, prompts) per process per micro-batch."""
     gradient_accumulation_steps: int = bounded(1, ge=1)
+    """Micro-batches per optimizer step (effective batch = batch_size x this x processes)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """accelerate's autocast: no, fp16 (GPU only) or bf16; the trainable weights stay float32."""
     gradient_checkpointing: bool = False
+    """Recompute the denoiser's activations in the backward pass (less memory, ~30 % more time)."""
     allow_tf32: bool = False
     """Allow TF32 matmuls on Ampere+ GPUs (ignored on CPU)."""
     checkpoint_every: int = bounded(500, ge=0)
@@ -195,7 +226,9 @@ class TrainConfig:
     overwrite: bool = False
     """Replace a previous run in output_dir (with other settings, or with resume: none) instead of refusing."""
     log_every: int = bounded(10, ge=1)
+    """Log the metrics (mean over processes) every N optimizer steps, and at the last."""
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """The tracker beside metrics.jsonl: tensorboard (logs/ in output_dir), wandb, or none."""
 
 
 # ---------------------------------------------------------------------------------------------------------- loader

@@ -5,10 +5,6 @@ class UserError(Exception):
     """Bad input from the user (config, path, model id, data): shown as one line, exit code 2."""
 
 
-class NotImplementedYet(UserError):
-    """A command or option that a later release will provide."""
-
-
 def error_text(error: Exception) -> str:
     """An exception's message on one line: its first line, with the next one when the first only introduces it
     ("Error(s) in loading state_dict for UNet2DConditionModel:")."""

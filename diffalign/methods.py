@@ -26,7 +26,9 @@ class Method:
     """Its name in the report and the README."""
     kind: Literal["training", "inference"]
     module: str
-    """The module holding its `Config` class and its entry function (`train(cfg)` for a training method)."""
+    """The module of its entry function (`train(cfg)` for a training method, `reno` / `rl_guidance`)."""
+    config: str
+    """module:Class of its settings (a training method's config class, over `diffalign.config.TrainConfig`)."""
     section: str
     """module:function of its demo section, `section(ctx: DemoContext) -> SectionResult`."""
     full: dict[str, Any] = field(default_factory=dict)
@@ -48,6 +50,11 @@ class Method:
         """The function or class `name` of its module (e.g. "train", "Config")."""
         return getattr(importlib.import_module(self.module), name)
 
+    def config_class(self) -> type:
+        """The dataclass of its settings."""
+        module, _, name = self.config.partition(":")
+        return getattr(importlib.import_module(module), name)
+
     def section_function(self) -> Callable[..., Any]:
         """Its demo section function."""
         module, _, name = self.section.partition(":")
@@ -58,24 +65,28 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method(
-            "dpo", "Diffusion-DPO", "training", "diffalign.train.dpo", "diffalign.apps.sections.dpo:dpo_section",
+            "dpo", "Diffusion-DPO", "training", "diffalign.train.dpo", "diffalign.train.dpo:Config",
+            "diffalign.apps.sections.dpo:dpo_section",
             full={"steps": 200}, quick={"steps": 100}, bench=True,
         ),
         Method(
-            "inpo", "DDIM-InPO", "training", "diffalign.train.inpo", "diffalign.apps.sections.inpo:inpo_section",
+            "inpo", "DDIM-InPO", "training", "diffalign.train.inpo", "diffalign.train.inpo:Config",
+            "diffalign.apps.sections.inpo:inpo_section",
             full={"steps": 100}, quick={"steps": 40}, bench=True, smoke=("inpo.inversion_steps=3",),
         ),
         Method(
-            "alignprop", "AlignProp", "training", "diffalign.train.alignprop",
+            "alignprop", "AlignProp", "training", "diffalign.train.alignprop", "diffalign.train.alignprop:Config",
             "diffalign.apps.sections.alignprop:alignprop_section",
             full={"steps": 15}, quick={"steps": 4}, bench=True, smoke=("alignprop.num_steps=3",),
         ),
         Method(
-            "reno", "ReNO", "inference", "diffalign.infer.reno", "diffalign.apps.sections.reno:reno_section",
+            "reno", "ReNO", "inference", "diffalign.infer.reno", "diffalign.infer.configs:RenoConfig",
+            "diffalign.apps.sections.reno:reno_section",
             full={"samples": 18, "iters": 50}, quick={"samples": 9, "iters": 15}, bench=True,
         ),
         Method(
-            "rlg", "RL guidance (RLG)", "inference", "diffalign.infer.rlg", "diffalign.apps.sections.rlg:rlg_section",
+            "rlg", "RL guidance (RLG)", "inference", "diffalign.infer.rlg", "diffalign.infer.configs:RLGConfig",
+            "diffalign.apps.sections.rlg:rlg_section",
             full={"scales": (0.0, 1.0, 2.0, 3.0), "samples": 128, "scale": 2.0},
             quick={"scales": (0.0, 1.0, 2.0), "samples": 64, "scale": 2.0},
             bench=True,

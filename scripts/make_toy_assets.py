@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffalign.apps.evaluate import evaluate, image_seeds, repeat_prompts  # noqa: E402
+from diffalign.apps.toy_evaluation import evaluate, image_seeds, repeat_prompts  # noqa: E402
 from diffalign.gym import world  # noqa: E402
 from diffalign.gym.gold import gold_score, read_scenes  # noqa: E402
 from diffalign.hub import ASSETS_DIR  # noqa: E402

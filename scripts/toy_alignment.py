@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from diffalign.apps.demo import PROXY, DemoContext, DemoSettings
-from diffalign.apps.evaluate import paired_gain
+from diffalign.apps.toy_evaluation import paired_gain
 from diffalign.gym.world import heldout_prompts, train_prompts
 from diffalign.methods import METHODS, training_methods
 from diffalign.models import load_family

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from diffalign.apps.evaluate import image_seeds, mean_and_se, paired_gain, summarize
+from diffalign.apps.toy_evaluation import image_seeds, mean_and_se, paired_gain, summarize
 from diffalign.gym.world import ATTRIBUTES, heldout_prompts
 from diffalign.infer.reno import reno
 from diffalign.models import load_family

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from diffalign.apps.demo import PROXY, DemoContext, DemoSettings
-from diffalign.apps.evaluate import evaluate
 from diffalign.apps.sections.toy_training import train_on_toy
+from diffalign.apps.toy_evaluation import evaluate
 from diffalign.gym.world import heldout_prompts, train_prompts
 from diffalign.infer.rlg import parse_scales, rl_guidance
 from diffalign.models import load_family

@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from diffalign.apps.evaluate import repeat_prompts, summarize
+    from diffalign.apps.toy_evaluation import repeat_prompts, summarize
     from diffalign.gym.world import train_prompts
     from diffalign.infer.sample import sample_images
     from diffalign.models import family_for_pipeline

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from diffalign.apps import demo
-from diffalign.apps.evaluate import evaluate, paired_gain
 from diffalign.apps.sections.reno import reno_section
+from diffalign.apps.toy_evaluation import evaluate, paired_gain
 from diffalign.gym.world import heldout_prompts, train_prompts
 from diffalign.models import load_family
 from diffalign.rewards import load_reward

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 import pytest
 
-from diffalign.config import load_config, parse_overrides, render_config, save_config
+from diffalign.config import field_docs, load_config, parse_overrides, render_config, save_config
 from diffalign.errors import UserError
+from diffalign.methods import METHODS
 from diffalign.train import load_train_config
 from diffalign.train.dpo import Config as TrainConfig
 
@@ -162,3 +165,35 @@ def test_a_choice_of_strings_takes_the_text_as_typed():
     assert cfg.mixed_precision == "no" and cfg.report_to == "none"
     with pytest.raises(UserError, match=r"'mixed_precision' must be one of 'no' \| 'fp16' \| 'bf16', got 'off'"):
         load_config(TrainConfig, None, ["mixed_precision=off"])
+
+
+def help_texts(cls: type, prefix: str = "") -> dict[str, str | None]:
+    """{key: its help text, or None} of every key of config class `cls` (sections walked)."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    found: dict[str, str | None] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found.update(help_texts(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            found[prefix + f.name] = docs.get(f.name)
+    return found
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_config_key_of_every_method_has_help_text_and_show_config_prints_it(method):
+    cls = METHODS[method].config_class()
+    texts = help_texts(cls)
+    assert not [key for key, text in texts.items() if not text], f"{method}: keys without help (a field docstring)"
+    config = load_train_config(None, [f"method={method}"]) if METHODS[method].trains else cls()
+    shown = render_config(config)
+    assert all(text in shown for text in texts.values())
+
+
+def test_the_help_text_check_sees_a_key_without_help():
+    @dataclass
+    class Partly:
+        documented: int = 1
+        """Has help."""
+        bare: int = 2
+
+    assert help_texts(Partly) == {"documented": "Has help.", "bare": None}

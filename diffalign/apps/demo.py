@@ -101,7 +101,7 @@ class DemoContext:
     def measure(self, num_samples: int | None = None) -> dict[str, Any]:
         """Gold and proxy metrics of the family as it is now, on the held-out prompts with the evaluation seeds (the
         first `num_samples` of them; default all `eval_samples`)."""
-        from diffalign.apps.evaluate import evaluate
+        from diffalign.apps.toy_evaluation import evaluate
 
         return evaluate(
             self.family, self.heldout, num_samples or self.settings.eval_samples, self.eval_seed, proxy=self.proxy,
@@ -225,7 +225,7 @@ def demo_metrics(
     ctx: DemoContext, results: list[SectionResult], quick: bool, base_seconds: float, seconds: float
 ) -> dict[str, Any]:
     """metrics.json: settings, the base measurement, and per method its after-measurement and paired gains."""
-    from diffalign.apps.evaluate import paired_gain
+    from diffalign.apps.toy_evaluation import paired_gain
 
     metrics: dict[str, Any] = {
         "settings": dataclasses.asdict(ctx.settings),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from diffalign.errors import UserError
+from diffalign.errors import UserError, error_text
 from diffalign.hub import TINY_PREFIX, offline, quiet_hf_logs, resolve_model
 from diffalign.models.base import Cond, Family, PredictAt, Schedule, cond_cat, cond_expand, cond_select, cond_to
 from diffalign.models.flux import FluxFamily
@@ -86,7 +86,7 @@ def load_family(
                     resolved, dtype=DTYPES[dtype], revision=revision, local_files_only=offline()
                 )
         except (OSError, ValueError) as e:  # diffusers' words for a missing, incomplete or corrupt component
-            raise UserError(f"model {name!r} could not be loaded: {first_line(e)}") from e
+            raise UserError(f"model {name!r} could not be loaded: {error_text(e)}") from e
     with quiet_hf_logs("diffusers"):  # "float16 pipelines cannot run on cpu": they do (torch has CPU fp16 kernels)
         pipe.to(device)
     family = family_for_pipeline(pipe)
@@ -113,10 +113,4 @@ def load_vae(name: str, dtype: torch.dtype) -> torch.nn.Module:
         source = str(path) if path.exists() else name
         return AutoencoderKL.from_pretrained(source, dtype=dtype, local_files_only=offline())
     except (OSError, ValueError) as e:
-        raise UserError(f"VAE {name!r} could not be loaded: {first_line(e)}") from e
-
-
-def first_line(error: Exception) -> str:
-    """The first line of an exception's message (or its type when it has none)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise UserError(f"VAE {name!r} could not be loaded: {error_text(e)}") from e

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from diffalign.errors import UserError
+from diffalign.errors import UserError, error_text
 from diffalign.hub import quiet_hf_logs
 from diffalign.rewards.base import CLIP_MEAN, CLIP_STD, Preprocess
 from diffalign.rewards.weights import optional_file, read_json, resolve_pretrained
@@ -148,9 +148,8 @@ def create_open_clip(arch: str, pretrained: str | None, what: str) -> nn.Module:
     try:
         return open_clip.create_model(arch, pretrained=pretrained or None)
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
-        first_line = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(
-            f"{what}: cannot build open_clip model {arch!r} (pretrained={pretrained!r}): {first_line[:120]}; "
+            f"{what}: cannot build open_clip model {arch!r} (pretrained={pretrained!r}): {error_text(e)[:120]}; "
             "offline, pass a local weights file with pretrained=/path/to/file or model=local-dir:/folder"
         ) from e
     finally:

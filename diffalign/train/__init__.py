@@ -31,7 +31,8 @@ def method_module(method: str) -> ModuleType:
 
 def config_class(method: str) -> type[TrainConfig]:
     """The config class of `method`."""
-    return method_module(method).Config
+    method_module(method)  # a UserError for an unknown method
+    return METHODS[method].config_class()
 
 
 def recipe(method: str) -> Callable[[TrainConfig], Path]:

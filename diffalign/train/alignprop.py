@@ -74,6 +74,7 @@ class AlignPropConfig:
     random_min: float = bounded(0.0, ge=0, le=1)
     """Official uniform: `randint(0, 50)`, i.e. [0, N), redrawn to 1..N-1 (commit b576ae7 drew 30..49)."""
     random_max: float = bounded(1.0, ge=0, le=1)
+    """End (exclusive) of the uniform cut-off range, as a fraction of N (official 50 of 50)."""
     lv_samples: int = bounded(2, ge=1)
     """DRaFT-LV: how many times the final sample is re-noised to the last step's noise level and denoised again with
     gradient (the reward is averaged over them)."""

@@ -21,14 +21,14 @@ SECTION_LR = 5.0
 
 def measured(images, prompts: list[str], proxy) -> dict[str, Any]:
     """`summarize` of given images, with the images and prompts kept (what `paired_gain` and the report read)."""
-    from diffalign.apps.evaluate import summarize
+    from diffalign.apps.toy_evaluation import summarize
 
     return {**summarize(images, prompts, proxy), "images": images, "prompts": prompts}
 
 
 def base_subset(base: dict[str, Any], count: int) -> dict[str, Any]:
     """The first `count` samples of the base evaluation (same prompts and seeds as the ReNO section's images)."""
-    from diffalign.apps.evaluate import mean_and_se
+    from diffalign.apps.toy_evaluation import mean_and_se
 
     gold = base["gold"][:count]
     subset = {"prompts": base["prompts"][:count], "gold": gold, "proxy": base["proxy"][:count]}
@@ -39,8 +39,8 @@ def base_subset(base: dict[str, Any], count: int) -> dict[str, Any]:
 def reno_section(ctx: DemoContext) -> SectionResult:
     """ReNO on the held-out prompts with the evaluation seeds, before/after with the same few steps, curves."""
     from diffalign.apps import report
-    from diffalign.apps.evaluate import image_seeds, paired_gain, repeat_prompts
     from diffalign.apps.reno import TOY_DEFAULTS
+    from diffalign.apps.toy_evaluation import image_seeds, paired_gain, repeat_prompts
     from diffalign.infer.reno import reno
     from diffalign.rewards import load_reward
 

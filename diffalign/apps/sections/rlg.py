@@ -64,7 +64,7 @@ def sweep(ctx: DemoContext, scales: tuple[float, ...], n: int, headline: float) 
 
 def sweep_rows(results: dict[float, dict], base: dict) -> list[dict[str, float]]:
     """Per w: gold all-correct and proxy means, and paired gains (± SE) against the base and against w = 1."""
-    from diffalign.apps.evaluate import paired_gain
+    from diffalign.apps.toy_evaluation import paired_gain
 
     rows = []
     for scale, result in results.items():

@@ -10,7 +10,7 @@ from diffalign.gym.gold import gold_score
 
 
 def test_evaluate_is_deterministic_and_beats_chance_on_training_prompts():
-    from diffalign.apps.evaluate import evaluate
+    from diffalign.apps.toy_evaluation import evaluate
     from diffalign.models import load_family
 
     family = load_family("toy")
@@ -28,7 +28,7 @@ def test_evaluate_is_deterministic_and_beats_chance_on_training_prompts():
 
 
 def test_paired_gain_uses_the_per_image_differences():
-    from diffalign.apps.evaluate import paired_gain
+    from diffalign.apps.toy_evaluation import paired_gain
 
     prompts = ["a", "b", "c", "d"]
     before = {"prompts": prompts, "gold": torch.tensor([1, 2 / 3, 1, 0]), "proxy": torch.tensor([1.0, 2, 3, 4])}
@@ -47,7 +47,7 @@ def test_paired_gain_uses_the_per_image_differences():
 
 
 def test_paired_gain_covers_each_gold_attribute():
-    from diffalign.apps.evaluate import paired_gain
+    from diffalign.apps.toy_evaluation import paired_gain
 
     prompts = ["a", "b"]
     attrs = lambda c: {"background": torch.tensor([1.0, 1.0]), "colour": c, "shape": torch.tensor([0.0, 1.0])}  # noqa: E731

@@ -14,39 +14,19 @@ Time variants run in ROUNDS interleaved rounds; per variant the fastest counts (
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kit import bench_model, interleaved_rounds, memory_mb, reset_peak, run_variant, train_seconds  # noqa: E402
+
 BATCH, K, TIME_STEPS, MEMORY_STEPS = 4, 1, 20, (10, 50)
 RECIPE_LENGTHS = (3, 13)
 ROUNDS = 3
 PROMPTS = ["a red square on a black background", "a green circle on a gray background"]
-
-
-def _model() -> str:
-    from diffalign.hub import TOY_MODEL_DIR
-
-    return "toy" if (TOY_MODEL_DIR / "model_index.json").is_file() else "tiny-sd"
-
-
-def _rss_mb(field: str) -> float:
-    """VmRSS / VmHWM of this process in MB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _setup():
@@ -56,7 +36,7 @@ def _setup():
     from diffalign.rewards import load_reward
 
     torch.manual_seed(0)
-    family = load_family(_model())
+    family = load_family(bench_model())
     params = family.add_lora(rank=4)
     reward = load_reward("toy-clip")
     with torch.no_grad():
@@ -97,11 +77,11 @@ def memory(num_steps: int) -> dict:
         optimizer.zero_grad()
 
     step(False)  # warm-up: allocator pools, optimizer state
-    before = _rss_mb("VmRSS")
-    reset = _reset_peak()
+    before = memory_mb("VmRSS")
+    reset = reset_peak()
     for _ in range(3):
         step(False)
-    peak = _rss_mb("VmHWM")
+    peak = memory_mb("VmHWM")
     step(True)
     return {"peak_mb": peak, "above_mb": peak - before, "reset": reset, "saved_mb": saved["peak"] / 2**20}
 
@@ -156,12 +136,9 @@ def bare(folder: Path) -> dict:
 
 def _train(out: Path, steps: int) -> float:
     """Seconds for one in-process recipe run of `steps` steps."""
-    from diffalign.processes import reset_accelerate_state
-    from diffalign.train import load_train_config, train
-
     overrides = [
         "method=alignprop",
-        f"model.name={_model()}",
+        f"model.name={bench_model()}",
         "alignprop.reward=toy-clip",
         f"alignprop.num_steps={TIME_STEPS}",
         "alignprop.eta=0",
@@ -175,11 +152,7 @@ def _train(out: Path, steps: int) -> float:
         "log_every=1000",
         "lora.rank=4",
     ]
-    start = time.perf_counter()
-    train(load_train_config(None, overrides))
-    elapsed = time.perf_counter() - start
-    reset_accelerate_state()
-    return elapsed
+    return train_seconds(overrides)
 
 
 def recipe(folder: Path) -> dict:
@@ -189,16 +162,11 @@ def recipe(folder: Path) -> dict:
     return {"step_s": (long - short) / (RECIPE_LENGTHS[1] - RECIPE_LENGTHS[0])}
 
 
-def run_variant(name: str, arg: str | None) -> dict:
+def variant(name: str, arg: str | None) -> dict:
     if name == "memory":
         return memory(int(arg))
     with tempfile.TemporaryDirectory() as tmp:
         return bare(Path(tmp)) if name == "bare" else recipe(Path(tmp))
-
-
-def _run(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -206,10 +174,10 @@ def main() -> None:
     import torch
 
     print(
-        f"alignprop bench ({_model()}, batch {BATCH}, K = {K}, LoRA rank 4, CFG, {torch.get_num_threads()} torch "
+        f"alignprop bench ({bench_model()}, batch {BATCH}, K = {K}, LoRA rank 4, CFG, {torch.get_num_threads()} torch "
         "threads; peak memory of 3 steps after a warm-up step)"
     )
-    mem = {n: _run("memory", str(n)) for n in MEMORY_STEPS}
+    mem = {n: run_variant(__file__, "memory", str(n)) for n in MEMORY_STEPS}
     for n, m in mem.items():
         print(
             f"  N = {n:2d} sampling steps: peak RSS {m['peak_mb']:7.0f} MB, {m['above_mb']:6.1f} MB above the RSS "
@@ -220,10 +188,8 @@ def main() -> None:
     ratio = high["peak_mb"] / low["peak_mb"]
     print(f"  peak RSS N={MEMORY_STEPS[1]} / N={MEMORY_STEPS[0]}: {ratio:.3f}   (target <= 1.10)")
     print(f"  growth above the pre-step RSS: {low['above_mb']:.1f} MB -> {high['above_mb']:.1f} MB")
-    rounds: dict[str, list[dict]] = {"bare": [], "recipe": []}
-    for _ in range(ROUNDS):  # interleaved, so a slow spell of the machine hits both alike
-        for name in rounds:
-            rounds[name].append(_run(name))
+    found = interleaved_rounds(__file__, [["bare"], ["recipe"]], ROUNDS)
+    rounds = {name: found[(name,)] for name in ("bare", "recipe")}
     best = {name: min(r["step_s"] for r in runs) for name, runs in rounds.items()}
     for name, runs in rounds.items():
         per_sample = ", ".join(f"{r['step_s'] / BATCH * 1000:.0f}" for r in runs)
@@ -233,6 +199,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1:
-        print(json.dumps(run_variant(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)))
+        print(json.dumps(variant(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)))
     else:
         main()

@@ -12,23 +12,18 @@ is timed in ROUNDS interleaved rounds and the fastest counts.
 from __future__ import annotations
 
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-MODEL = "toy"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kit import bench_model, interleaved_rounds, memory_mb, train_seconds  # noqa: E402
+
 PAIRS, BATCH, RESOLUTION = 96, 8, 32
 STEPS = (10, 50)
 ROUNDS = 3  # rounds of (bare, cached, raw) in turn; per variant the fastest round counts (noise only adds)
-
-
-def _model() -> str:
-    from diffalign.hub import TOY_MODEL_DIR
-
-    return MODEL if (TOY_MODEL_DIR / "model_index.json").is_file() else "tiny-sd"
 
 
 def _write_pairs(folder: Path) -> Path:
@@ -51,17 +46,6 @@ def _write_pairs(folder: Path) -> Path:
     return path
 
 
-def _peak_mb() -> float:
-    """Peak resident memory of this process in MB. VmHWM where the OS has it: ru_maxrss survives exec, so a
-    variant launched from a parent that had run a bigger bench would report the parent's peak."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def bare(folder: Path) -> dict:
     """Plain-torch DPO step on tensors already in memory."""
     import torch
@@ -69,7 +53,7 @@ def bare(folder: Path) -> dict:
 
     from diffalign.models import load_family
 
-    family = load_family(_model())
+    family = load_family(bench_model())
     params = family.add_lora(rank=8)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     unet = family.denoiser
@@ -98,35 +82,18 @@ def bare(folder: Path) -> dict:
     start = time.perf_counter()
     for _ in range(STEPS[1] - STEPS[0]):
         step()
-    return {"step_s": (time.perf_counter() - start) / (STEPS[1] - STEPS[0]), "peak_mb": _peak_mb()}
+    return {"step_s": (time.perf_counter() - start) / (STEPS[1] - STEPS[0]), "peak_mb": memory_mb("VmHWM")}
 
 
 def _train(pairs: Path, out: Path, steps: int, cache: Path | None, method: str = "dpo", batch: int = BATCH) -> float:
     """Seconds for one in-process run of `steps` steps of the `method` recipe (a preference-pair method) with
     `batch` pairs a step."""
-    from diffalign.processes import reset_accelerate_state
-    from diffalign.train import load_train_config, train
-
     overrides = [
-        f"method={method}",
-        f"model.name={_model()}",
-        f"data.source={pairs}",
-        f"output_dir={out}",
-        f"batch_size={batch}",
-        f"max_steps={steps}",
-        "checkpoint_every=0",
-        "report_to=none",
-        "log_every=1000",
-        f"model.resolution={RESOLUTION}",
-        "lora.rank=8",
-    ]
-    if cache is not None:
-        overrides.append(f"data.cache_dir={cache}")
-    start = time.perf_counter()
-    train(load_train_config(None, overrides))
-    elapsed = time.perf_counter() - start
-    reset_accelerate_state()
-    return elapsed
+        f"method={method}", f"model.name={bench_model()}", f"data.source={pairs}", f"output_dir={out}",
+        f"batch_size={batch}", f"max_steps={steps}", "checkpoint_every=0", "report_to=none", "log_every=1000",
+        f"model.resolution={RESOLUTION}", "lora.rank=8",
+    ]  # fmt: skip
+    return train_seconds([*overrides, *([f"data.cache_dir={cache}"] if cache is not None else [])])
 
 
 def recipe(folder: Path, cached: bool) -> dict:
@@ -135,7 +102,7 @@ def recipe(folder: Path, cached: bool) -> dict:
     cache = folder / "cache" if cached else None
     _train(pairs, folder / "warm", 1, cache)
     short, long = (_train(pairs, folder / f"run{n}", n, cache) for n in STEPS)
-    return {"step_s": (long - short) / (STEPS[1] - STEPS[0]), "peak_mb": _peak_mb()}
+    return {"step_s": (long - short) / (STEPS[1] - STEPS[0]), "peak_mb": memory_mb("VmHWM")}
 
 
 def run_variant(name: str) -> dict:
@@ -148,16 +115,14 @@ def run_variant(name: str) -> dict:
 
 def main() -> None:
     """Run the three variants in subprocesses and print their figures and ratios."""
-    rounds: dict[str, list[dict]] = {"bare": [], "cached": [], "raw": []}
-    for _ in range(ROUNDS):  # interleaved, so a slow spell of the machine hits every variant alike
-        for name in rounds:
-            out = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, check=True)
-            rounds[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    names = ("bare", "cached", "raw")
+    found = interleaved_rounds(__file__, [[name] for name in names], ROUNDS)
+    rounds = {name: found[(name,)] for name in names}
     results = {
         name: {"step_s": min(r["step_s"] for r in runs), "peak_mb": max(r["peak_mb"] for r in runs)}
         for name, runs in rounds.items()
     }
-    print(f"dpo bench ({_model()}, {BATCH} pairs/step at {RESOLUTION}px, LoRA rank 8, CPU threads as set)")
+    print(f"dpo bench ({bench_model()}, {BATCH} pairs/step at {RESOLUTION}px, LoRA rank 8, CPU threads as set)")
     for name, runs in rounds.items():
         print(f"  {name:7s} rounds: " + ", ".join(f"{r['step_s'] * 1000:.1f}" for r in runs) + " ms/step")
     bare_s = results["bare"]["step_s"]

@@ -18,7 +18,6 @@ rounds. Target: InPO step <= 1.10 x (DPO step + bare inversion), per round (DPO 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dpo import RESOLUTION, STEPS, _model, _train, _write_pairs  # noqa: E402
+from bench_dpo import RESOLUTION, STEPS, _train, _write_pairs  # noqa: E402
+from bench_kit import bench_model, interleaved_rounds  # noqa: E402
 
 INVERSION_STEPS = 10  # the paper's, configs/inpo/*.yaml
 BATCHES = (1, 4)
@@ -92,7 +92,7 @@ def bare_inversion(timesteps: list, batch: int) -> dict:
     from diffalign.models import load_family
     from diffalign.train.inpo import grid_counts
 
-    family = load_family(_model())
+    family = load_family(bench_model())
     family.add_lora(rank=8)
     unet = family.denoiser
     g = torch.Generator().manual_seed(0)
@@ -123,7 +123,7 @@ def run_variant(name: str, batch: int) -> dict:
     if name == "inpo":
         span = STEPS[1] - STEPS[0]
         figures["bare_s"] = bare_inversion(timesteps[-span:], batch)["step_s"]
-        offset = int(getattr(load_family(_model()).pipe.scheduler.config, "steps_offset", 0))
+        offset = int(getattr(load_family(bench_model()).pipe.scheduler.config, "steps_offset", 0))
         figures["official_forwards_per_pair"] = official_forwards_per_pair(timesteps, offset)
     return figures
 
@@ -136,16 +136,12 @@ def ms(runs: list[dict], key: str) -> str:
 def main() -> None:
     """Per batch size, the two variants in subprocesses (interleaved rounds); their figures and ratios."""
     print(
-        f"inpo bench ({_model()} at {RESOLUTION}px, LoRA rank 8, cached latents, {INVERSION_STEPS} inversion steps, "
-        f"{ROUNDS} rounds per batch size)"
+        f"inpo bench ({bench_model()} at {RESOLUTION}px, LoRA rank 8, cached latents, {INVERSION_STEPS} inversion "
+        f"steps, {ROUNDS} rounds per batch size)"
     )
     for batch in BATCHES:
-        rounds: dict[str, list[dict]] = {"dpo": [], "inpo": []}
-        for _ in range(ROUNDS):
-            for name in rounds:
-                command = [sys.executable, __file__, name, str(batch)]
-                out = subprocess.run(command, capture_output=True, text=True, check=True)
-                rounds[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        found = interleaved_rounds(__file__, [["dpo", str(batch)], ["inpo", str(batch)]], ROUNDS)
+        rounds = {name: found[(name, str(batch))] for name in ("dpo", "inpo")}
         inpo = rounds["inpo"]
         per_round = [i["step_s"] / (d["step_s"] + i["bare_s"]) for d, i in zip(rounds["dpo"], inpo, strict=True)]
         ours = sum(r["forwards_per_pair"] for r in inpo) / len(inpo)

@@ -12,21 +12,15 @@ timed in ROUNDS alternating rounds (the fastest counts: noise only adds). Peak m
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_dpo import _peak_mb
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kit import alternate, memory_mb, run_variant  # noqa: E402
 
 ITERS, ROUNDS, DEFAULT_ITERS = 6, 3, 50
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def variant(checkpoint: bool) -> dict:
@@ -45,7 +39,7 @@ def variant(checkpoint: bool) -> dict:
     prompts = heldout_prompts()
     seeds = list(range(len(prompts)))
     steps, guidance = TOY_DEFAULTS["num_steps"], TOY_DEFAULTS["guidance_scale"]
-    loaded_mb = _rss_mb()
+    loaded_mb = memory_mb()
     cond, uncond = family.encode_prompts(prompts), family.encode_negative()
 
     def bare(n: int) -> float:
@@ -66,13 +60,8 @@ def variant(checkpoint: bool) -> dict:
         return (time.perf_counter() - started) / n
 
     bare(1), optimised(1)  # warm-up
-    bare_times, reno_times = [], []
-    for round_ in range(ROUNDS):  # alternate the order: the machine may be shared
-        if round_ % 2:
-            reno_times.append(optimised(ITERS))
-        bare_times.append(bare(ITERS))
-        if not round_ % 2:
-            reno_times.append(optimised(ITERS))
+    times = alternate({"bare": lambda: bare(ITERS), "reno": lambda: optimised(ITERS)}, ROUNDS)
+    bare_times, reno_times = times["bare"], times["reno"]
     return {
         "checkpoint": checkpoint,
         "batch": len(prompts),
@@ -80,22 +69,14 @@ def variant(checkpoint: bool) -> dict:
         "reno": min(reno_times),
         "ratios": sorted(r / b for r, b in zip(reno_times, bare_times, strict=True)),
         "loaded_mb": loaded_mb,
-        "peak_mb": _peak_mb(),
+        "peak_mb": memory_mb("VmHWM"),
         "threads": torch.get_num_threads(),
     }
 
 
 def main() -> None:
     """Run each checkpoint setting in its own process and print the figures."""
-    results = []
-    for checkpoint in (True, False):
-        here = Path(__file__).resolve().parent
-        code = f"import sys, json; sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]; import bench_reno; "
-        code += f"print(json.dumps(bench_reno.variant({checkpoint})))"
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(done.stderr)
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = [run_variant(__file__, str(checkpoint)) for checkpoint in (True, False)]
     first = results[0]
     print(
         f"reno bench: toy model, {first['batch']} held-out prompts per batch, 4 DDIM steps, CFG 4.5, toy-clip; "
@@ -113,4 +94,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1:
+        print(json.dumps(variant(sys.argv[1] == "True")))
+    else:
+        main()

@@ -11,7 +11,13 @@ denoiser: VAE decode, text encoding). ROUNDS interleaved rounds; per variant the
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kit import alternate  # noqa: E402
 
 IMAGES, ROUNDS, SCALE = 64, 3, 1.5
 
@@ -54,11 +60,7 @@ def main() -> None:
         return time.perf_counter() - started
 
     run("plain")  # warm-up
-    times: dict[str, list[float]] = {"plain": [], "batched": [], "two": []}
-    for round_ in range(ROUNDS):
-        order = list(times) if round_ % 2 == 0 else list(reversed(times))
-        for variant in order:
-            times[variant].append(run(variant))
+    times = alternate({variant: lambda v=variant: run(v) for variant in ("plain", "batched", "two")}, ROUNDS)
     best = {variant: min(values) for variant, values in times.items()}
     settings = family.sampling_defaults
     print(

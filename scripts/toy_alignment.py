@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from diffalign.apps.demo import PROXY, DemoContext, DemoSettings
-from diffalign.apps.toy_evaluation import paired_gain
+from diffalign.apps.toy_evaluation import over_seeds, paired_gain
 from diffalign.gym.world import heldout_prompts, train_prompts
 from diffalign.methods import METHODS, training_methods
 from diffalign.models import load_family
@@ -47,29 +47,22 @@ TIMING = ("steps", "train_seconds", "train_cpu_seconds")
 what matters on a shared machine, where the wall time depends on everyone else's load)."""
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    return m, (sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
-
-
 def summarize(runs: list[dict]) -> dict:
     """Gains over seeds: mean, std, SE across seeds, pooled paired SE, and whether the gain exceeds 2 SE."""
     summary = {}
     for key in ("all_correct", "gold_score", "proxy"):
-        gains = [r[key]["gain"] for r in runs]
-        after_mean, after_std = mean_std([r[key]["after"] for r in runs])
-        gain_mean, gain_std = mean_std(gains)
-        across = gain_std / math.sqrt(len(gains)) if len(gains) > 1 else float("nan")
-        pooled = math.sqrt(sum(r[key]["paired_se"] ** 2 for r in runs)) / len(runs)
+        gains = over_seeds([r[key]["gain"] for r in runs], [r[key]["paired_se"] for r in runs])
+        afters = over_seeds([r[key]["after"] for r in runs])
+        across, pooled = gains["se_across_seeds"], gains["se_paired_pooled"]
         summary[key] = {
             "before": runs[0][key]["before"],
-            "after_mean": after_mean,
-            "after_std": after_std,
-            "gain_mean": gain_mean,
-            "gain_std": gain_std,
+            "after_mean": afters["mean"],
+            "after_std": 0.0 if len(runs) == 1 else afters["std"],
+            "gain_mean": gains["mean"],
+            "gain_std": 0.0 if len(runs) == 1 else gains["std"],
             "se_across_seeds": across,
             "se_paired_pooled": pooled,
-            "gain_over_2se": gain_mean > 2 * max(across if not math.isnan(across) else 0.0, pooled),
+            "gain_over_2se": gains["mean"] > 2 * max(across if not math.isnan(across) else 0.0, pooled),
         }
     summary["seconds_mean"] = sum(r["seconds"] for r in runs) / len(runs)
     if all(key in r for r in runs for key in TIMING):

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from diffalign.apps.toy_evaluation import image_seeds, mean_and_se, paired_gain, summarize
+from diffalign.apps.toy_evaluation import image_seeds, mean_and_se, over_seeds, paired_gain, summarize
 from diffalign.gym.world import ATTRIBUTES, heldout_prompts
 from diffalign.infer.reno import reno
 from diffalign.models import load_family
@@ -61,9 +60,8 @@ def per_seed(before: dict, after: dict, count: int, prompts_per_seed: int) -> di
     for k in range(count):
         span = slice(k * prompts_per_seed, (k + 1) * prompts_per_seed)
         gains.append((correct(after)[span] - correct(before)[span]).mean().item())
-    mean = sum(gains) / len(gains)
-    std = math.sqrt(sum((g - mean) ** 2 for g in gains) / max(1, len(gains) - 1))
-    return {"gains": gains, "mean": mean, "se_across_seeds": std / math.sqrt(len(gains))}
+    summary = over_seeds(gains)
+    return {"gains": gains, "mean": summary["mean"], "se_across_seeds": summary["se_across_seeds"]}
 
 
 def per_prompt(before: dict, after: dict, prompts: list[str]) -> dict:

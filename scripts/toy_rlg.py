@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 
 from diffalign.apps.demo import PROXY, DemoContext, DemoSettings
 from diffalign.apps.sections.toy_training import train_on_toy
-from diffalign.apps.toy_evaluation import evaluate
+from diffalign.apps.toy_evaluation import evaluate, mean_and_se, over_seeds
 from diffalign.gym.world import heldout_prompts, train_prompts
 from diffalign.infer.rlg import parse_scales, rl_guidance
 from diffalign.models import load_family
@@ -58,8 +57,7 @@ def evaluation(ctx: DemoContext, cache: Path, n: int) -> dict[str, list[float]]:
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
-    v = torch.tensor(values, dtype=torch.float64)
-    return v.mean().item(), (v.std().item() / math.sqrt(len(v)) if len(v) > 1 else 0.0)
+    return mean_and_se(torch.tensor(values, dtype=torch.float64))
 
 
 def summarize(per_seed: dict[int, dict[float, dict]], scales: list[float]) -> dict:
@@ -78,17 +76,12 @@ def summarize(per_seed: dict[int, dict[float, dict]], scales: list[float]) -> di
                     gain, se = mean_se(diff)
                     gains.append(gain)
                     ses.append(se)
-                mean_gain = sum(gains) / len(gains)
-                across = (
-                    (sum((g - mean_gain) ** 2 for g in gains) / (len(gains) - 1)) ** 0.5 / math.sqrt(len(gains))
-                    if len(gains) > 1
-                    else float("nan")
-                )
+                pooled = over_seeds(gains, ses)
                 entry |= {
                     "vs_w1_per_seed": gains,
-                    "vs_w1": mean_gain,
-                    "vs_w1_paired_se_pooled": math.sqrt(sum(se**2 for se in ses)) / len(ses),
-                    "vs_w1_se_across_seeds": across,
+                    "vs_w1": pooled["mean"],
+                    "vs_w1_paired_se_pooled": pooled["se_paired_pooled"],
+                    "vs_w1_se_across_seeds": pooled["se_across_seeds"],
                 }
             row[key] = entry
         summary[f"{scale:g}"] = row

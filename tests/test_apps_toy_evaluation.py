@@ -55,3 +55,15 @@ def test_paired_gain_covers_each_gold_attribute():
     after = before | {"attributes": attrs(torch.tensor([0.0, 1.0]))}
     gain = paired_gain(before, after)
     assert gain["colour"]["gain"] == pytest.approx(-0.5) and gain["background"]["gain"] == 0
+
+
+def test_over_seeds_pools_paired_ses_and_the_spread_across_seeds():
+    import math
+
+    from diffalign.apps.toy_evaluation import over_seeds
+
+    summary = over_seeds([0.06, 0.02, 0.04], [0.03, 0.04, 0.0])
+    assert summary["mean"] == pytest.approx(0.04) and summary["std"] == pytest.approx(0.02)
+    assert summary["se_across_seeds"] == pytest.approx(0.02 / math.sqrt(3))
+    assert summary["se_paired_pooled"] == pytest.approx(0.05 / 3)  # sqrt(0.03² + 0.04²) / 3
+    assert math.isnan(over_seeds([0.1])["se_across_seeds"]) and "se_paired_pooled" not in over_seeds([0.1])

@@ -36,6 +36,19 @@ def mean_and_se(values: Tensor) -> tuple[float, float]:
     return values.mean().item(), se
 
 
+def over_seeds(gains: Sequence[float], paired_ses: Sequence[float] | None = None) -> dict[str, float]:
+    """A gain measured once per training (or noise) seed, summarised: the mean, the std over seeds, the SE across
+    seeds (std / sqrt(k); nan for one seed) and, given each seed's paired SE, the pooled paired SE
+    (sqrt(sum SE²) / k: the SE of the mean of k independent paired estimates)."""
+    k = len(gains)
+    mean = sum(gains) / k
+    std = math.sqrt(sum((g - mean) ** 2 for g in gains) / (k - 1)) if k > 1 else float("nan")
+    summary = {"mean": mean, "std": std, "se_across_seeds": std / math.sqrt(k) if k > 1 else float("nan")}
+    if paired_ses is not None:
+        summary["se_paired_pooled"] = math.sqrt(sum(se**2 for se in paired_ses)) / k
+    return summary
+
+
 def image_seeds(seed: int, num_samples: int) -> list[int]:
     """One seed per image for an evaluation run with `seed`: runs with different seeds share no image seed."""
     return [seed * 1_000_003 + i for i in range(num_samples)]

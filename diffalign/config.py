@@ -225,6 +225,11 @@ class TrainConfig:
     checkpoint cadence may change)."""
     overwrite: bool = False
     """Replace a previous run in output_dir (with other settings, or with resume: none) instead of refusing."""
+    push_to_hub: bool = False
+    """Upload the final LoRA (or denoiser) folder, with its model card, to `hub_model_id` when training ends
+    (checked before training: a token, the hub reachable)."""
+    hub_model_id: str | None = None
+    """The hub repository to push to, e.g. your-name/sdxl-dpo-lora (created if it does not exist)."""
     log_every: int = bounded(10, ge=1)
     """Log the metrics (mean over processes) every N optimizer steps, and at the last."""
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"

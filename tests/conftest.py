@@ -39,6 +39,18 @@ def build_family(kind: str, seed: int = 0):
     return family
 
 
+@pytest.fixture(autouse=True)
+def own_random_state():
+    """Every test starts from the same torch RNG state and thread count, whatever ran before it in this process
+    (a LoRA's A matrices are drawn from the global RNG): the suite passes in any order and any subset."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=FAMILY_KINDS)
 def family(request):
     return build_family(request.param)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -22,6 +23,14 @@ LAUNCH = [
 ]
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it): every launch its own, so launches one after another in
+    a test process (or in parallel ones) never meet a port still held by the previous one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch_two_ranks(args: list[str], timeout: float = 300, cwd: str | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch` on 2 CPU ranks (gloo); `args` is a script path or `-m module ...` with its arguments."""
     env = {
@@ -29,7 +38,7 @@ def launch_two_ranks(args: list[str], timeout: float = 300, cwd: str | None = No
         "ACCELERATE_USE_CPU": "1",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
-        "MASTER_PORT": str(29500 + os.getpid() % 1000),
+        "MASTER_PORT": str(free_port()),
     }
     return subprocess.run(
         [*LAUNCH, "--main_process_port", env["MASTER_PORT"], *args],

@@ -146,3 +146,47 @@ def test_best_by_settings_are_checked_before_training(settings, message):
     with pytest.raises(UserError, match=message):
         check_best_by(ValidationConfig(**settings))
     check_best_by(ValidationConfig(best_by="val/heldout/all_correct", prompts=["a"], heldout_reward="toy-gold"))
+
+
+def test_the_trained_lora_carries_a_model_card_with_the_last_metrics_and_validation_grid(pairs, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "run"
+    final = tiny_run(out, pairs[0], "validation.enabled=true", "validation.prompts=[a red circle]",
+                     "validation.reward=toy-clip", "validation.every=1")  # fmt: skip
+    card = ModelCard.load(final / "README.md")
+    assert card.data.library_name == "diffusers" and {"diffalign", "dpo", "lora"} <= set(card.data.tags)
+    assert card.data.base_model is None  # tiny-sd is not a hub id; a hub model is named there
+    text = card.text
+    assert "# Diffusion-DPO LoRA of tiny-sd" in text and "for 2 optimizer steps" in text
+    assert f"- data: `{pairs[0]}`" in text and "- rewards: `toy-clip`" in text
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert f"| loss | {next(r['loss'] for r in reversed(last) if 'loss' in r):.6g} |" in text
+    assert f"| val/reward | {last[-1]['val/reward']:.6g} |" in text
+    assert "![validation](validation.png)" in text
+    assert (final / "validation.png").read_bytes() == (out / "validation" / "step-000002.png").read_bytes()
+    assert "```yaml\nmethod: dpo\n" in text
+
+
+def test_push_to_hub_is_checked_before_training_and_uploads_the_final_folder(pairs, tmp_path, monkeypatch):
+    from diffalign.train import outputs
+
+    with pytest.raises(UserError, match="push_to_hub: give hub_model_id"):
+        tiny_run(tmp_path / "a", pairs[0], "push_to_hub=true")
+    with pytest.raises(UserError, match=r"push_to_hub: the hub cannot be reached \(HF_HUB_OFFLINE=1\)"):
+        tiny_run(tmp_path / "a", pairs[0], "push_to_hub=true", "hub_model_id=me/lora")
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    uploads = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            uploads.append(("create", repo_id))
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploads.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+            return "https://huggingface.co/me/lora/commit/1"
+
+    monkeypatch.setattr(outputs, "check_push", lambda cfg: None)  # as if online with a token
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    tiny_run(tmp_path / "b", pairs[0], "push_to_hub=true", "hub_model_id=me/lora")
+    assert uploads == [("create", "me/lora"), ("upload", "me/lora", ["README.md", "pytorch_lora_weights.safetensors"])]

@@ -6,7 +6,7 @@ process's training-noise RNG, saved in every checkpoint). Everything else exists
 schedule, gradient accumulation, clipping only on sync steps, `reduce_mean` of the metrics on every rank, the NaN/inf
 stop before backward, logging, validation (with `validation.best_by`: the best weights kept in output_dir/best and,
 with `validation.early_stop`, a stop when the metric falls that many validations in a row), atomic checkpoints with
-bit-exact resume, and the final save.
+bit-exact resume, and the final save with its model card (and the upload, with `push_to_hub`).
 """
 
 from __future__ import annotations
@@ -71,12 +71,16 @@ def fit(
     validator = validation.Validator(cfg, family)
     state.best.metric = cfg.validation.best_by
 
+    final_metrics: dict[str, float] = {}
+    """The metrics last logged (training and validation): the model card's."""
+
     def validate() -> bool:
         """Validate on the main process, keep the best weights; whether to stop early (the same on every process)."""
         stop = False
         if accelerator.is_main_process:
             metrics = validator.run(state.step)
             runlog.log(metrics, step=state.step)
+            final_metrics.update(metrics)
             if cfg.validation.best_by and state.best.update(metrics, state.step):
                 validation.save_best(family, cfg, state.best)
             stop = 0 < cfg.validation.early_stop <= state.best.falls
@@ -116,6 +120,7 @@ def fit(
                 if state.step % cfg.log_every == 0 or last:
                     skipped = {f"skipped_{batches.unit}": state.skipped}
                     runlog.log({**values, "lr": state.schedule.get_last_lr()[0], **skipped}, step=state.step)
+                    final_metrics.update(values)
                 stop = validate() if validator.due(state.step, last) else False
                 if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
                     checkpoint.save_checkpoint(accelerator, cfg.output_dir, state, cfg.checkpoints_keep)
@@ -136,6 +141,8 @@ def fit(
     extra = {}
     if cfg.validation.best_by:
         extra = {"best": validation.best_record(state.best), "stopped_early": stopped_early}
-    final = outputs.save_final(family, cfg, accelerator, state, optimizer, unit=batches.unit, extra=extra)
+    final = outputs.save_final(
+        family, cfg, accelerator, state, optimizer, unit=batches.unit, extra=extra, metrics=final_metrics
+    )
     runlog.close()
     return final

@@ -17,9 +17,20 @@ RUN_FILE = "run.json"
 """The settings a run was started with, in output_dir: what a later command may resume, and the mark of our folder."""
 
 CADENCE_KEYS = frozenset(
-    {"max_steps", "log_every", "validation.every", "checkpoint_every", "checkpoints_keep", "resume", "overwrite"}
+    {
+        "max_steps",
+        "log_every",
+        "validation.every",
+        "checkpoint_every",
+        "checkpoints_keep",
+        "resume",
+        "overwrite",
+        "push_to_hub",
+        "hub_model_id",
+    }
 )
-"""Settings a resumed run may change: how long it runs and how often it logs, validates and checkpoints."""
+"""Settings a resumed run may change: how long it runs, how often it logs, validates and checkpoints, and where the
+result is published."""
 
 
 def run_settings(cfg: TrainConfig) -> dict[str, Any]:

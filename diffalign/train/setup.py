@@ -11,6 +11,7 @@ import torch
 from diffalign.config import LoraConfig, OptimConfig, TrainConfig
 from diffalign.errors import UserError
 from diffalign.models import Family, load_family
+from diffalign.train import outputs
 from diffalign.train.run_dir import output_plan
 
 
@@ -46,6 +47,7 @@ def make_accelerator(cfg: TrainConfig, *, find_unused_parameters: bool = False, 
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(cfg.seed)
     output_plan(cfg)  # refuse a bad output_dir now; `fit` writes to it once the data and model are known good
+    outputs.check_push(cfg)  # and a push_to_hub that could not upload at the end
     return accelerator
 
 

@@ -1,6 +1,6 @@
 """The DDIM-InPO recipe: InPO is DPO on a forward-noised latent, the policy inverts (unless configured) along the
-grid at each step's destination timestep, in the calls the grid needs, a full fine-tune. Every family, stock LoRA
-loading, kill -9 and DDP: tests/test_method_contracts.py."""
+grid, each step asking the model at its start timestep (or at its destination, as the official code), in the calls
+the grid needs, a full fine-tune. Every family, stock LoRA loading, kill -9 and DDP: tests/test_method_contracts.py."""
 
 from __future__ import annotations
 
@@ -123,17 +123,19 @@ def test_grid_inversion_takes_ceil_t_over_the_stride_steps_and_only_the_calls_th
     gridded = inpo.invert_on_grid(family, x0, cond, t, 10, 0.0, None)
     assert len(calls) == 7 and sum(calls) == 1 + 3 + 7 + 7
     for i, steps in enumerate([1, 3, 7, 7]):
-        alone = family.invert(x0[i : i + 1], cond_select(cond, [i]), t[i : i + 1], steps, predict_at="destination")
+        alone = family.invert(x0[i : i + 1], cond_select(cond, [i]), t[i : i + 1], steps)
         torch.testing.assert_close(gridded[i : i + 1], alone, atol=1e-5, rtol=1e-5)
     calls.clear()
     inpo.invert_on_grid(family, x0[:2], cond_select(cond, [0, 1]), torch.full((2,), 30.0), 10, 0.1, None)
     assert calls == [2]  # a pair at batch 1 near t = 0: one step, one call
 
 
-@pytest.mark.parametrize(("predict_at", "asked"), [("destination", [83, 167, 250]), ("start", [0, 83, 167])])
-def test_each_inversion_step_asks_the_model_at_its_destination_unless_told_the_start(predict_at, asked, monkeypatch):
-    """inpo.inversion_timestep: the official code (diffusers' DDIMInverseScheduler) asks at t_b with the latent at t_a;
-    "start" asks at t_a (the first step: the noise of the clean latent at t = 0)."""
+@pytest.mark.parametrize(("predict_at", "asked"), [("start", [0, 83, 167]), ("destination", [83, 167, 250])])
+def test_each_inversion_step_asks_the_model_at_its_start_or_as_the_official_code_its_destination(
+    predict_at, asked, monkeypatch
+):
+    """inpo.inversion_timestep: "start" (the default) asks at t_a, the first step the noise of the clean latent at
+    t = 0; the official code (diffusers' DDIMInverseScheduler) asks at t_b with the latent at t_a."""
     family = perturbed_family("sd")
     x0, cond, preference = pair_batch(family, pairs=1)
     seen = []

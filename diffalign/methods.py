@@ -32,7 +32,8 @@ class Method:
     section: str
     """module:function of its demo section, `section(ctx: DemoContext) -> SectionResult`."""
     full: dict[str, Any] = field(default_factory=dict)
-    """Its sizes in the full demo (`diffalign demo`), e.g. {"steps": 200}; read by its section."""
+    """Its sizes in the full demo (`diffalign demo`), e.g. {"steps": 200}; read by its section. Chosen so that its
+    held-out gain is beyond 2 paired SE on the demo's seed within the demo's 15 minutes (docs/results/demo.md)."""
     quick: dict[str, Any] = field(default_factory=dict)
     """Its sizes in the quick demo (`diffalign demo --quick`), a smoke run."""
     bench: bool = False
@@ -72,12 +73,12 @@ METHODS: dict[str, Method] = {
         Method(
             "inpo", "DDIM-InPO", "training", "diffalign.train.inpo", "diffalign.train.inpo:Config",
             "diffalign.apps.sections.inpo:inpo_section",
-            full={"steps": 100}, quick={"steps": 40}, bench=True, smoke=("inpo.inversion_steps=3",),
+            full={"steps": 150}, quick={"steps": 40}, bench=True, smoke=("inpo.inversion_steps=3",),
         ),
         Method(
             "alignprop", "AlignProp", "training", "diffalign.train.alignprop", "diffalign.train.alignprop:Config",
             "diffalign.apps.sections.alignprop:alignprop_section",
-            full={"steps": 15}, quick={"steps": 4}, bench=True, smoke=("alignprop.num_steps=3",),
+            full={"steps": 50}, quick={"steps": 4}, bench=True, smoke=("alignprop.num_steps=3",),
         ),
         Method(
             "reno", "ReNO", "inference", "diffalign.infer.reno", "diffalign.infer.configs:RenoConfig",
@@ -87,7 +88,7 @@ METHODS: dict[str, Method] = {
         Method(
             "rlg", "RL guidance (RLG)", "inference", "diffalign.infer.rlg", "diffalign.infer.configs:RLGConfig",
             "diffalign.apps.sections.rlg:rlg_section",
-            full={"scales": (0.0, 1.0, 2.0, 3.0), "samples": 128, "scale": 2.0},
+            full={"scales": (0.0, 1.0, 2.0, 3.0), "samples": 64, "scale": 2.0},
             quick={"scales": (0.0, 1.0, 2.0), "samples": 64, "scale": 2.0},
             bench=True,
         ),

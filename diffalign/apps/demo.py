@@ -59,14 +59,10 @@ def preset(kind: str, **shared: Any) -> DemoSettings:
     return DemoSettings(**shared, sizes={name: dict(getattr(m, kind)) for name, m in METHODS.items()})
 
 
-# Budgets on 2 CPU cores (the issue's): full <= 15 min, quick <= 5 min with all five sections. Where the time goes on
-# an idle 2-core machine: sampling ~16 images/s (pairs ~10/s: each image is also scored and encoded), a DPO step
-# ~0.37 s, an InPO step ~0.9 s (its 10 inversion forwards), an AlignProp step ~6 s (32 prompts; all 10 sampling
-# steps carry gradient), a ReNO iteration of 18 images ~2 s.
-# Full: the pairs that gave +7.8 +- 2.1 points in 200 DPO steps (528 pairs, best of 4 of 16 x 33 prompts).
-FULL = preset("full", eval_samples=384, pairs_repeats=16, images_per_prompt=4, validation_every=50, validation_images=4)
-# Quick: every method at smoke size; 264 pairs (best of 2) and 100 DPO steps move the gold score within noise
-# (measured: 264 pairs x 100 steps gave +0.0 points): the full demo is the one that shows the alignment.
+# The budgets: full <= 15 min, quick <= 5 min on 2 CPU cores with every section; where the time goes, and why these
+# sizes, in docs/results/demo.md. Each method's own sizes are in its record (diffalign/methods.py).
+FULL = preset("full", eval_samples=384, pairs_repeats=16, images_per_prompt=4, validation_every=50, validation_images=2)
+# Quick: every method at smoke size, a smoke run, not a measurement: the full demo is the one that shows alignment.
 QUICK = preset(
     "quick", eval_samples=128, pairs_repeats=8, images_per_prompt=2, validation_every=50, validation_images=2
 )

@@ -71,7 +71,9 @@ def pair_method_run(ctx: DemoContext, method: str, steps: int) -> dict:
     lora = train_on_toy(ctx, method, run, steps, [f"data.source={pairs['path']}"])
     train_seconds, train_cpu_seconds = time.perf_counter() - training, time.process_time() - cpu
     curves = read_curves(run / "metrics.jsonl", extra=("loss", "implicit_accuracy"))
-    name = {"dpo": "DPO", "inpo": "InPO"}.get(method, method)
+    from diffalign.methods import METHODS
+
+    name = METHODS[method].title
     ctx.console.print(f"  measuring the {name} model on {ctx.settings.eval_samples} held-out samples (same seeds)")
     facts = {
         "pairs": pairs["pairs"],

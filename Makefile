@@ -27,7 +27,7 @@ endif
 setup: $(VENV)/.diffalign-installed
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadscope $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/diffalign demo

@@ -79,7 +79,7 @@ def test_demo_report_has_every_section(demo_run):
 def test_demo_inpo_section_trains_on_the_dpo_pairs(demo_run):
     out, metrics = demo_run
     inpo, dpo = metrics["methods"]["inpo"], metrics["methods"]["dpo"]
-    assert (inpo["pairs"], inpo["ties"]) == (dpo["pairs"], dpo["ties"]) and inpo["steps"] == SMALL.inpo_steps
+    assert (inpo["pairs"], inpo["ties"]) == (dpo["pairs"], dpo["ties"]) and inpo["steps"] == SMALL.size("inpo", "steps")
     assert inpo["after"]["n"] == 18 and inpo["train_seconds"] > 0 and inpo["train_cpu_seconds"] > 0
     assert [step for step, _ in inpo["curves"]["proxy"]] == [0, 2]
     assert (out / "inpo" / "seed0" / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -90,7 +90,7 @@ def test_demo_inpo_section_trains_on_the_dpo_pairs(demo_run):
 def test_demo_alignprop_section_logs_the_proxy_and_gold_curves(demo_run):
     out, metrics = demo_run
     alignprop = metrics["methods"]["alignprop"]
-    assert alignprop["steps"] == SMALL.alignprop_steps and alignprop["after"]["n"] == 18
+    assert alignprop["steps"] == SMALL.size("alignprop", "steps") and alignprop["after"]["n"] == 18
     curves = alignprop["curves"]
     assert [step for step, _ in curves["proxy"]] == [0, 1, 2]  # validated 5 times a run, at most every step
     assert len(curves["gold_all_correct"]) == 3 and [step for step, _ in curves["reward"]] == [1, 2]

@@ -11,6 +11,7 @@ from clitools import UMASK, run_cli, umask, wrong_modes
 from pairdata import write_parquet
 
 from diffalign.processes import reset_accelerate_state
+from diffalign.train import checkpoint
 
 
 def train(*overrides: str) -> None:
@@ -52,10 +53,10 @@ def test_every_command_writes_files_with_the_umasks_modes(tmp_path):
             result = run_cli(*map(str, command))
             assert result.returncode == 0, (command, result.stderr[-3000:])
     written = [*outputs.values(), tmp_path / "cache"]
-    checkpoint = outputs["lora-run"] / "checkpoints" / "checkpoint-2"
+    last_checkpoint = outputs["lora-run"] / "checkpoints" / "checkpoint-2"
     for must in (
         outputs["lora-run"] / "lora" / "pytorch_lora_weights.safetensors",
-        checkpoint / checkpoint.TRAINABLE_FILE,
+        last_checkpoint / checkpoint.TRAINABLE_FILE,
         outputs["lora-run"] / "best",
         outputs["full-run"] / "denoiser" / "config.json",
         outputs["pairs"] / "pairs.parquet",

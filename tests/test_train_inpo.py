@@ -49,6 +49,7 @@ def base_overrides(kind: str, pairs: Path, out: Path) -> list[str]:
 def perturbed_family(kind: str) -> Family:
     """A tiny family with a LoRA whose B matrices are non-zero (policy != reference)."""
     family = build_family(kind)
+    torch.manual_seed(0)  # the LoRA A matrices come from the global RNG: the same ones whatever ran before
     family.add_lora(rank=4)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -127,13 +127,14 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(method, data
 def test_two_rank_ddp_run_keeps_ranks_identical(method, data_files, tmp_path):
     """SD3 on purpose: its transformer has a buffer, which DDP broadcasts on every forward, so every collective of
     a step must be matched across the ranks. The ranks see different data and noise and end with the same weights;
-    each rank's train state is checkpointed; the best weights are kept (validation runs on the main process)."""
+    each rank's train state is checkpointed; the best weights are kept (validation runs on the main process). (The
+    model layer's DDP alone needs no test of its own: every method's recipe runs it here.)"""
     from diffalign.config import render_config
 
     out, config = tmp_path / "ddp", tmp_path / "cfg.yaml"
     toy = CONFIGS_DIR / method / "toy.yaml"
     extra = (
-        "max_steps=3", "checkpoint_every=2", "validation.prompts=[a red circle]", "validation.every=1",
+        "max_steps=2", "checkpoint_every=2", "validation.prompts=[a red circle]", "validation.every=1",
         f"validation.reward={TINY_REWARD}", "validation.best_by=val/reward", "validation.early_stop=5",
     )  # fmt: skip
     config.write_text(render_config(load_train_config(toy, tiny_overrides(toy, "sd3", out, data_files, *extra))))
@@ -141,7 +142,7 @@ def test_two_rank_ddp_run_keeps_ranks_identical(method, data_files, tmp_path):
     assert result.returncode == 0, failure(result)
     assert result.stdout.count(f"saved {out / 'lora'}") == 1  # the main process reports, not every rank
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 3 and summary["optimizer_steps"] == 3
+    assert summary["processes"] == 2 and summary["steps"] == 2 and summary["optimizer_steps"] == 2
     first, second = summary["rank_weight_sha256"]
     assert first == second
     checkpoint = out / "checkpoints" / "checkpoint-2"

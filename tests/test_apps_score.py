@@ -15,7 +15,7 @@ import torch
 from clitools import run_cli
 from distributed import failure, launch_two_ranks
 from PIL import Image
-from test_rewards import PROMPTS, quantised_images, write_tiny_clip
+from rewardfiles import PROMPTS, quantised_images, write_tiny_clip
 
 TOY_PROMPTS = PROMPTS + ["a green triangle on a grey background", "a cat"]
 

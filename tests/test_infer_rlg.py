@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import build_family, build_pipeline
-from test_models import family_sampler_images, perturb_lora, stock_images, with_family_scheduler
+from sampling import family_sampler_images, perturb_lora, stock_images, with_family_scheduler
 
 from diffalign.errors import UserError
 from diffalign.infer.rlg import double_batch, parse_scales, rl_guidance, rlg_predict

@@ -65,3 +65,16 @@ def test_the_check_catches_an_upward_import(tmp_path):
     module.write_text("import torch\n\ndef f():\n    from diffalign.apps.demo import run_demo\n")
     found = imports_of(module)
     assert (4, "diffalign.apps.demo") in found and (1, "torch") in found
+
+
+def test_test_modules_share_helpers_through_helper_modules_never_through_each_other():
+    """A test module that imports another runs (and collects) the other's tests' setup as a side effect, and ties two
+    files' fixtures together: shared helpers live in tests/<helper>.py (clitools, sampling, rewardfiles, ...)."""
+    tests = Path(__file__).parent
+    crossing = [
+        f"{path.name}:{line}: {module}"
+        for path in sorted(tests.glob("test_*.py"))
+        for line, module in imports_of(path)
+        if module.startswith("test_")
+    ]
+    assert not crossing, "\n".join(crossing)

@@ -36,8 +36,10 @@ lint: setup
 	$(VENV)/bin/ruff check diffalign tests scripts
 	$(VENV)/bin/ruff format --check diffalign tests scripts
 
+# Both toys, the UNet one first (toy-flow reuses its VAE, tokenizer and proxy reward).
 assets: setup
 	$(PY) scripts/make_toy_assets.py
+	$(PY) scripts/make_toy_flow_assets.py
 
 bench: setup
 	$(PY) scripts/bench.py all

@@ -43,7 +43,7 @@ def _root(
 
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="'toy', a hub id, a local pipeline folder, or tiny-<family>.")
+    str, typer.Option("--model", "-m", help="'toy', 'toy-flow', a hub id, a local pipeline folder, or tiny-<family>.")
 ]
 
 
@@ -362,17 +362,21 @@ def demo(
     methods: Annotated[
         str | None, typer.Option(help="Comma-separated method sections to run (default: all), e.g. dpo.")
     ] = None,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="The bundled toy: 'toy' (UNet, DDIM) or 'toy-flow' (SD3-class).")
+    ] = "toy",
 ) -> None:
-    """Run the methods on the bundled toy world and write report.html, metrics.json and PNG grids."""
-    from diffalign.hub import resolve_model
+    """Run the methods on a bundled toy model of the shapes world and write report.html, metrics.json and PNG
+    grids."""
+    from diffalign.hub import check_toy
     from diffalign.io import check_replaceable
 
     check_replaceable(out, "metrics.json")  # refused before anything loads, never after a 20 s model load
-    resolve_model("toy")
+    check_toy(model)
     from diffalign.apps.demo import run_demo
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    run_demo(out, quick=quick, seed=seed, methods=chosen)
+    run_demo(out, quick=quick, seed=seed, methods=chosen, model=model)
 
 
 # -------------------------------------------------------------------------------------------------------------- main

@@ -42,7 +42,8 @@ class ModelConfig:
     """Which pipeline to load."""
 
     name: str = "toy"
-    """'toy' (the bundled shapes-world model), a hub id, or a local folder written by `save_pretrained`."""
+    """'toy' or 'toy-flow' (the bundled shapes-world models: UNet / flow matching), a hub id, or a local folder
+    written by `save_pretrained`."""
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"

@@ -28,7 +28,11 @@ def shipped_dir(name: str) -> Path:
 
 
 ASSETS_DIR = Path(os.environ.get("DIFFALIGN_ASSETS") or shipped_dir("assets"))
-TOY_MODEL_DIR = ASSETS_DIR / "toy" / "model"
+TOY_MODELS = {"toy": ASSETS_DIR / "toy" / "model", "toy-flow": ASSETS_DIR / "toy-flow" / "model"}
+"""The bundled shapes-world pipelines: 'toy' (StableDiffusionPipeline, UNet + DDIM) and 'toy-flow'
+(StableDiffusion3Pipeline, MMDiT + SD3.5's flow matching), built by scripts/make_toy_assets.py and
+scripts/make_toy_flow_assets.py."""
+TOY_MODEL_DIR = TOY_MODELS["toy"]
 CONFIGS_DIR = shipped_dir("configs")
 
 
@@ -68,14 +72,15 @@ def declare_offline() -> None:
 def resolve_model(name: str, revision: str | None = None) -> str:
     """Map a model name to what `from_pretrained` should load: a local folder (str path) or a hub id.
 
-    'toy' is the bundled shapes-world pipeline; 'tiny-sd', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux' are built in memory from
-    configs (random weights, for smoke tests) and returned unchanged. A hub id that is not in the local cache while
-    offline is a UserError naming it.
+    'toy' and 'toy-flow' are the bundled shapes-world pipelines (`TOY_MODELS`); 'tiny-sd', 'tiny-sdxl', 'tiny-sd3',
+    'tiny-flux' are built in memory from configs (random weights, for smoke tests) and returned unchanged. A hub id
+    that is not in the local cache while offline is a UserError naming it.
     """
-    if name == "toy":
-        if not (TOY_MODEL_DIR / "model_index.json").is_file():
-            raise UserError(f"the toy assets are not built yet ({TOY_MODEL_DIR} is missing): run `make assets`")
-        return str(TOY_MODEL_DIR)
+    if name in TOY_MODELS:
+        folder = TOY_MODELS[name]
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"the {name} assets are not built yet ({folder} is missing): run `make assets`")
+        return str(folder)
     if name.startswith(TINY_PREFIX):
         return name
     path = Path(name).expanduser()
@@ -100,6 +105,13 @@ def resolve_model(name: str, revision: str | None = None) -> str:
             "or pass a local folder written by save_pretrained"
         )
     return name
+
+
+def check_toy(name: str) -> str:
+    """`name` if it is a bundled toy whose assets are built (its folder, resolved), else a one-line UserError."""
+    if name not in TOY_MODELS:
+        raise UserError(f"{name!r} is not a bundled toy model; choose {' or '.join(TOY_MODELS)}")
+    return resolve_model(name)
 
 
 def pipeline_class_name(resolved: str) -> str | None:

@@ -27,7 +27,7 @@ def variant(checkpoint: bool) -> dict:
     """Time bare and ReNO iterations in alternating rounds; returns seconds per iteration and memory."""
     import torch
 
-    from diffalign.apps.reno import TOY_DEFAULTS
+    from diffalign.apps.reno import reno_defaults
     from diffalign.gym.world import heldout_prompts
     from diffalign.infer.reno import reno
     from diffalign.infer.sample import initial_latents
@@ -38,7 +38,8 @@ def variant(checkpoint: bool) -> dict:
     family.freeze()
     prompts = heldout_prompts()
     seeds = list(range(len(prompts)))
-    steps, guidance = TOY_DEFAULTS["num_steps"], TOY_DEFAULTS["guidance_scale"]
+    defaults = reno_defaults("toy")
+    steps, guidance = defaults["num_steps"], defaults["guidance_scale"]
     loaded_mb = memory_mb()
     cond, uncond = family.encode_prompts(prompts), family.encode_negative()
 

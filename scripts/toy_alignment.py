@@ -140,6 +140,7 @@ def main() -> None:
         metavar="LABEL METHOD [key=value ...]",
         help="a method under its own name with its own overrides (repeatable)",
     )
+    parser.add_argument("--model", default="toy", choices=("toy", "toy-flow"), help="the bundled toy to align")
     parser.add_argument("--out", type=Path, default=Path("runs/toy-align"))
     parser.add_argument("overrides", nargs="*", help="key=value overrides of every method's toy config")
     args = parser.parse_args()
@@ -153,8 +154,9 @@ def main() -> None:
         validation_every=100, validation_images=1, sizes={m: {"steps": args.steps} for m in training_methods()},
     )  # fmt: skip
     ctx = DemoContext(
-        family=load_family("toy"), proxy=load_reward(PROXY), heldout=heldout_prompts(), train=train_prompts(),
-        settings=settings, work=args.out, eval_seed=EVAL_SEED, pairs_seed=1, train_overrides=list(args.overrides),
+        family=load_family(args.model), proxy=load_reward(PROXY), heldout=heldout_prompts(), train=train_prompts(),
+        settings=settings, work=args.out, model=args.model, eval_seed=EVAL_SEED, pairs_seed=1,
+        train_overrides=list(args.overrides),
     )  # fmt: skip
     if args.pairs is not None:
         ctx = reuse_pairs(ctx, args.pairs)

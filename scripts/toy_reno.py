@@ -1,11 +1,13 @@
 """Does ReNO align the toy model's images, does multi-start help at equal compute, and does ReNO beat best-of-N
 random noises at equal reward evaluations? The acceptance experiment.
 
-    python scripts/toy_reno.py [--seeds 8] [--iters 50] [--steps 4] [--guidance 4.5] [--lr 5] [--starts 1 4]
-                               [--start-fraction 0.5] [--imageselect] [--out runs/toy-reno]
+    python scripts/toy_reno.py [--seeds 8] [--iters 50] [--steps 4] [--guidance G] [--lr 5] [--starts 1 4]
+                               [--start-fraction 0.5] [--imageselect] [--model toy]
+                               [--out runs/toy-reno]
 
 1. Images: every HELD-OUT prompt x `--seeds` noise seeds (the evaluation seeds of scripts/toy_alignment.py), the toy
-   model sampled with `--steps` DDIM steps and CFG `--guidance`: the baseline, without ReNO.
+   model (`--model`: toy or toy-flow) sampled with `--steps` steps and CFG `--guidance` (default its own): the
+   baseline, without ReNO.
 2. For each value of `--starts`: ReNO on those images with the proxy toy-clip (the gold checker is only monitored,
    never optimised), `--iters` generator passes per image whatever the number of starts (equal compute).
 3. Paired gains (same prompts and seeds): gold all-correct, mean attributes, each attribute and the proxy, mean +-
@@ -112,17 +114,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8, help="noise seeds per held-out prompt")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the toy's own)")
     parser.add_argument("--lr", type=float, default=5.0)
     parser.add_argument("--starts", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--start-fraction", type=float, default=0.5)
     parser.add_argument("--imageselect", action="store_true", help="also best-of-N random noises (the control)")
     parser.add_argument("--batch-size", type=int, default=36)
+    parser.add_argument("--model", default="toy", choices=("toy", "toy-flow"), help="the bundled toy")
     parser.add_argument("--out", type=Path, default=Path("runs/toy-reno"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    family, proxy, monitor = load_family("toy"), load_reward("toy-clip"), load_reward("toy-gold")
+    family, proxy, monitor = load_family(args.model), load_reward("toy-clip"), load_reward("toy-gold")
+    if args.guidance is None:
+        args.guidance = family.sampling_defaults["guidance_scale"]
     heldout = heldout_prompts()
     prompts = heldout * args.seeds  # seed k covers every prompt once: images k*9 .. k*9+8
     seeds = image_seeds(EVAL_SEED, len(prompts))

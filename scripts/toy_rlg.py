@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--pairs-repeats", type=int, default=24)
     parser.add_argument("--images-per-prompt", type=int, default=8)
     parser.add_argument("--steps", type=int, default=300, help="DPO optimizer steps")
+    parser.add_argument("--model", default="toy", choices=("toy", "toy-flow"), help="the bundled toy to align")
     parser.add_argument("--out", type=Path, default=Path("runs/toy-rlg"))
     parser.add_argument("overrides", nargs="*", help="key=value overrides of configs/dpo/toy.yaml")
     args = parser.parse_args()
@@ -120,8 +121,9 @@ def main() -> None:
         validation_every=100, validation_images=1, sizes={"dpo": {"steps": args.steps}},
     )  # fmt: skip
     ctx = DemoContext(
-        family=load_family("toy"), proxy=load_reward(PROXY), heldout=heldout_prompts(), train=train_prompts(),
-        settings=settings, work=args.out, eval_seed=EVAL_SEED, pairs_seed=1, train_overrides=list(args.overrides),
+        family=load_family(args.model), proxy=load_reward(PROXY), heldout=heldout_prompts(), train=train_prompts(),
+        settings=settings, work=args.out, model=args.model, eval_seed=EVAL_SEED, pairs_seed=1,
+        train_overrides=list(args.overrides),
     )  # fmt: skip
     n = args.eval_samples
     base = evaluation(ctx, args.out / "evals" / f"base-n{n}.json", n)

@@ -39,6 +39,18 @@ def build_family(kind: str, seed: int = 0):
     return family
 
 
+def family_of(kind: str):
+    """`build_family(kind)` for a tiny kind; for a bundled toy ('toy', 'toy-flow') the shipped model, with its own
+    sampling defaults."""
+    from diffalign.hub import TOY_MODELS
+
+    if kind in TOY_MODELS:
+        from diffalign.models import load_family
+
+        return load_family(kind)
+    return build_family(kind)
+
+
 @pytest.fixture(autouse=True)
 def own_random_state():
     """Every test starts from the same torch RNG state and thread count, whatever ran before it in this process

@@ -224,3 +224,28 @@ def test_pairs_are_made_once_for_every_training_seed(monkeypatch, tmp_path):
     first = ctx.with_seed(1).pairs()
     assert ctx.with_seed(2).pairs() == first == ctx.pairs() and first["pairs"] == 7
     assert calls == [tmp_path / "pairs.parquet"]
+
+
+def test_every_section_runs_on_the_flow_toy_with_its_own_configs(tmp_path):
+    """`diffalign demo --model toy-flow`: the SD3-class toy through every section (its pairs, its
+    configs/<method>/toy-flow.yaml, ReNO at its few steps, RLG on its DPO LoRA), one report."""
+    reset_accelerate_state()
+    try:
+        metrics = demo.run_demo(tmp_path / "flow", settings=SMALL, model="toy-flow")
+    finally:
+        reset_accelerate_state()
+    from diffalign.methods import METHODS
+
+    assert metrics["model"] == "toy-flow" and list(metrics["methods"]) == list(METHODS)
+    assert all(m["after"]["n"] > 0 for m in metrics["methods"].values())
+    html = (tmp_path / "flow" / "report.html").read_text()
+    assert "toy-flow (StableDiffusion3Pipeline)" in html and "configs/dpo/toy-flow.yaml" in html
+    run = json.loads((tmp_path / "flow" / "dpo" / "seed0" / "run.json").read_text())
+    assert run["model.name"] == "toy-flow"
+
+
+def test_demo_refuses_a_model_that_is_not_a_bundled_toy(tmp_path):
+    result = run_cli("demo", "--model", "tiny-sd", "--out", str(tmp_path / "d"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "error: 'tiny-sd' is not a bundled toy model; choose toy or toy-flow"

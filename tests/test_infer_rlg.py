@@ -9,22 +9,22 @@ import sys
 
 import pytest
 import torch
-from conftest import build_family, build_pipeline
+from conftest import build_family, build_pipeline, family_of
 from sampling import family_sampler_images, perturb_lora, stock_images, with_family_scheduler
 
 from diffalign.errors import UserError
 from diffalign.infer.rlg import double_batch, parse_scales, rl_guidance, rlg_predict
 
-KINDS = ["sd", "sdxl", "sd3", "flux"]
+KINDS = ["sd", "sdxl", "sd3", "flux", "toy-flow"]  # toy-flow: the trained SD3-class toy, RLG's own setting
 PROMPT, SEED, STEPS = "a blue square on a gray background", 3, 2
 
 
 def lora_family(kind: str):
     """A tiny family with a perturbed LoRA (the fine-tuned model) and a fresh copy without it (the base)."""
-    family = build_family(kind)
+    family = family_of(kind)
     family.add_lora(rank=4, alpha=8.0)
     perturb_lora(family, scale=0.2)
-    return family, build_family(kind)
+    return family, family_of(kind)
 
 
 def guidance_of(cfg: bool) -> float:

@@ -17,6 +17,8 @@ from diffalign import hub
 from diffalign.apps import demo
 assert "site-packages" in diffalign.__file__, diffalign.__file__
 assert str(hub.ASSETS_DIR).startswith(sys.argv[1]) and str(hub.CONFIGS_DIR).startswith(sys.argv[1]), hub.ASSETS_DIR
+toys = hub.TOY_MODELS.values()
+assert all(str(t).startswith(sys.argv[1]) and (t / "model_index.json").is_file() for t in toys), toys  # both toys ship
 from diffalign.methods import training_methods
 found = [m for m in training_methods() if demo.toy_config(f"{m}/toy.yaml").is_file()]
 # One training section end to end (the toy model, the proxy and gold rewards, a shipped config, the report): the

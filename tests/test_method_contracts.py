@@ -1,8 +1,9 @@
 """What every training method promises, tested for each record of `diffalign.methods.METHODS` (a new method gets
-these by being registered): each shipped config runs on the tiny model of its family and its LoRA loads whole into a
-stock diffusers pipeline; a run killed with SIGKILL and resumed ends bit for bit where an uninterrupted one does; a
-2-rank DDP run keeps the ranks' weights identical. The runs start from the method's own configs with only the model,
-the data, the rewards and the sizes swapped (plus the record's `smoke` overrides)."""
+these by being registered): each shipped config runs (a toy's on the toy, a real model's on the tiny model of its
+family) and its LoRA loads whole into a stock diffusers pipeline; a run killed with SIGKILL and resumed ends bit for
+bit where an uninterrupted one does; a 2-rank DDP run keeps the ranks' weights identical. The runs start from the
+method's own configs with only the model, the data, the rewards and the sizes swapped (plus the record's `smoke`
+overrides)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ from diffalign.hub import CONFIGS_DIR
 from diffalign.methods import METHODS, training_methods
 from diffalign.train import load_train_config
 
-FAMILY_OF_CONFIG = {"sd15": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
-"""Each real-model config and the tiny family that stands in for its model."""
+MODEL_OF_CONFIG = {
+    "toy": "toy", "toy-flow": "toy-flow", "sd15": "tiny-sd", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"
+}  # fmt: skip
+"""Each shipped config and the model it runs on here: the bundled toys themselves, and for a real-model config the tiny
+model of its family."""
 SHIPPED = [
     (method, name)
     for method in training_methods()
-    for name in FAMILY_OF_CONFIG
+    for name in MODEL_OF_CONFIG
     if (CONFIGS_DIR / method / f"{name}.yaml").is_file()
 ]
 TINY_REWARD = "toy-clip"
@@ -56,16 +60,27 @@ def reward_swaps(config, prefix: str = "") -> list[str]:
     return swaps
 
 
-def tiny_overrides(config: Path, family: str, out: Path, data_files: dict, *extra: str) -> list[str]:
-    """Overrides running `config` for a few steps on the tiny `family` model in `out`."""
+def tiny_overrides(config: Path, model: str, out: Path, data_files: dict, *extra: str) -> list[str]:
+    """Overrides running `config` for a few steps on `model` (a tiny model or a toy) in `out`."""
     shipped = load_train_config(config)
     source = data_files[type(shipped.data)]
     data = [f"data.source={source}"] + (["data.prompts=[]"] if isinstance(shipped.data, PromptConfig) else [])
     return [
-        f"model.name=tiny-{family}", "model.resolution=32", *data, f"output_dir={out}", "batch_size=2",
+        f"model.name={model}", "model.resolution=32", *data, f"output_dir={out}", "batch_size=2",
         "gradient_accumulation_steps=1", "report_to=none", "log_every=1", "validation.num_steps=2",
         *reward_swaps(shipped), *METHODS[shipped.method].smoke, *extra,
     ]  # fmt: skip
+
+
+def stock_pipeline(model: str):
+    """A fresh stock pipeline of `model`: a toy loaded with `DiffusionPipeline.from_pretrained`, or a tiny one."""
+    from diffusers import DiffusionPipeline
+
+    from diffalign.hub import TOY_MODELS
+
+    if model in TOY_MODELS:
+        return DiffusionPipeline.from_pretrained(TOY_MODELS[model], local_files_only=True)
+    return build_pipeline(model.removeprefix("tiny-"))
 
 
 def loaded_lora(pipe, family_attr: str) -> dict[str, torch.Tensor]:
@@ -79,25 +94,25 @@ def loaded_lora(pipe, family_attr: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("method", "name"), SHIPPED)
-def test_a_shipped_config_runs_on_its_familys_tiny_model_and_its_lora_loads_whole(method, name, data_files, tmp_path):
+def test_a_shipped_config_runs_on_its_model_and_its_lora_loads_whole(method, name, data_files, tmp_path):
     """Everything the real config turns on (for SD 1.5 the half-precision frozen parts and bf16 autocast too; 6x
     slower on CPU, so the others run in float32) for one step; then the LoRA file loads into a freshly built stock
     pipeline with `load_lora_weights`, every tensor of it into an adapted module."""
     from safetensors.torch import load_file
 
-    family = FAMILY_OF_CONFIG[name]
+    model = MODEL_OF_CONFIG[name]
     config, out = CONFIGS_DIR / method / f"{name}.yaml", tmp_path / "run"
     precision = [] if name == "sd15" else ["mixed_precision=no", "model.dtype=float32"]
     final = train_in_process(
-        tiny_overrides(config, family, out, data_files, "max_steps=1", "checkpoint_every=0", *precision), config
+        tiny_overrides(config, model, out, data_files, "max_steps=1", "checkpoint_every=0", *precision), config
     )
     assert final == out / "lora"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["optimizer_steps"] == 1
     saved = load_file(final / "pytorch_lora_weights.safetensors")
-    pipe = build_pipeline(family)
+    pipe = stock_pipeline(model)
     pipe.load_lora_weights(str(final))
-    attr = "unet" if family in ("sd", "sdxl") else "transformer"
+    attr = "unet" if hasattr(pipe, "unet") else "transformer"
     loaded = loaded_lora(pipe, attr)
     assert loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[k].float(), saved[k].float()) for k in saved)
@@ -109,7 +124,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(method, data
     run; a half-written checkpoint folder beside the complete ones is never resumed from."""
     config = tmp_path / "cfg.yaml"
     toy = CONFIGS_DIR / method / "toy.yaml"
-    overrides = tiny_overrides(toy, "sd", tmp_path / "unused", data_files, "validation.enabled=false")
+    overrides = tiny_overrides(toy, "tiny-sd", tmp_path / "unused", data_files, "validation.enabled=false")
     from diffalign.config import render_config
 
     resolved = load_train_config(toy, [*overrides, "max_steps=10", "checkpoint_every=2"])
@@ -137,7 +152,7 @@ def test_two_rank_ddp_run_keeps_ranks_identical(method, data_files, tmp_path):
         "max_steps=2", "checkpoint_every=2", "validation.prompts=[a red circle]", "validation.every=1",
         f"validation.reward={TINY_REWARD}", "validation.best_by=val/reward", "validation.early_stop=5",
     )  # fmt: skip
-    config.write_text(render_config(load_train_config(toy, tiny_overrides(toy, "sd3", out, data_files, *extra))))
+    config.write_text(render_config(load_train_config(toy, tiny_overrides(toy, "tiny-sd3", out, data_files, *extra))))
     result = launch_two_ranks(["-m", "diffalign", "train", str(config)])
     assert result.returncode == 0, failure(result)
     assert result.stdout.count(f"saved {out / 'lora'}") == 1  # the main process reports, not every rank

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALL_KINDS, FAMILY_KINDS, build_family, build_pipeline
+from conftest import ALL_KINDS, FAMILY_KINDS, build_family, build_pipeline, family_of
 from safetensors.torch import load_file, save_file
 from sampling import family_sampler_images, perturb_lora, stock_images, with_family_scheduler
 
@@ -120,14 +120,14 @@ def test_training_input_and_target_match_the_scheduler(kind):
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
-@pytest.mark.parametrize("kind", [*ALL_KINDS, "toy"])
+@pytest.mark.parametrize("kind", [*ALL_KINDS, "toy", "toy-flow"])
 @pytest.mark.parametrize(("steps", "resolution"), [(1, 32), (3, 48)])
 def test_sampler_matches_the_stock_pipeline(kind, steps, resolution):
     """Our differentiable sampler + decode reproduces the stock pipeline __call__ (eta = 0, CFG on; FLUX-dev with
     true CFG) for every published scheduler config. Where the stock scheduler is not DDIM / flow-match Euler (PNDM,
     Euler, Euler-Ancestral), the stock pipeline runs with the family's DDIM swapped in: the family sampler is a
     DDIM of the same model, not a copy of another scheduler."""
-    family = load_family("toy") if kind == "toy" else build_family(kind)
+    family = family_of(kind)
     guidance = 1.0 if kind == "flux-schnell" else 3.0
     prompt, seed = "a blue square on a gray background", 3
     stock = stock_images(with_family_scheduler(family), prompt, seed, steps, family, guidance, resolution)
@@ -571,14 +571,14 @@ def test_implied_target_inverts_noisy_and_target(kind):
     assert (family.implied_target(x0, noisy + 0.1, t) - target).abs().min() > 1e-3
 
 
-@pytest.mark.parametrize("kind", [*FAMILY_KINDS, "toy"])
+@pytest.mark.parametrize("kind", [*FAMILY_KINDS, "toy", "toy-flow"])
 def test_inverting_then_walking_back_reconstructs_x0(kind):
     """invert to t, then denoise along the same grid with eta = 0: x0 comes back. Measured relative errors at 50
     steps: to t = 500 at most 3% on every tiny model (1-3% UNets, 0.1-0.2% flow); to the noisiest step 6% on the
     trained toy model and under 1% on the flow models (a random epsilon-predicting UNet does not invert there: x0
     is read as (x - sqrt(1 - a) eps) / sqrt(a) with sqrt(a) = 0.07)."""
-    family = load_family("toy") if kind == "toy" else build_family(kind)
-    if kind == "toy":
+    family = family_of(kind)
+    if kind.startswith("toy"):
         from diffalign.gym.world import generate
 
         images, prompts = generate(4, seed=0)
@@ -594,7 +594,7 @@ def test_inverting_then_walking_back_reconstructs_x0(kind):
         return ((back - x0).norm() / x0.norm()).item()
 
     assert error(500, 50) < 0.04 and error(500, 50) < error(500, 10)
-    if kind == "toy" or family.name in ("sd3", "flux"):
+    if kind.startswith("toy") or family.name in ("sd3", "flux"):
         assert error(1000 if family.name in ("sd3", "flux") else 999, 50) < 0.08
 
 

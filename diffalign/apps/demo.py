@@ -80,6 +80,8 @@ class DemoContext:
     settings: DemoSettings
     work: Path
     """The demo's output folder (while it is being written)."""
+    model: str = "toy"
+    """Which bundled toy the family is ('toy' or 'toy-flow'): the method configs are configs/<method>/<model>.yaml."""
     seed: int = 0
     """Training seed of the methods."""
     eval_seed: int = 0
@@ -111,7 +113,7 @@ class DemoContext:
 
             path = self.work / "pairs.parquet"
             summary = make_pairs(
-                "toy",
+                self.model,
                 self.train * self.settings.pairs_repeats,
                 PROXY,
                 path,
@@ -120,6 +122,10 @@ class DemoContext:
             )
             self.shared_pairs.update(path=path, pairs=summary.get("pairs"), ties=summary.get("ties"))
         return self.shared_pairs
+
+    def config_name(self, method: str) -> str:
+        """The shipped config `method` runs with on this toy: "<method>/<model>.yaml" (under configs/)."""
+        return f"{method}/{self.model}.yaml"
 
     def with_seed(self, seed: int) -> DemoContext:
         """The same context for another training seed: the base evaluation, the pairs (made once, whichever copy
@@ -152,7 +158,7 @@ class SectionResult:
 
 
 def toy_config(name: str) -> Path:
-    """A shipped config of the toy world (`configs/<method>/toy.yaml`), found beside the package or installed."""
+    """A shipped config of the toy world (`configs/<method>/<toy>.yaml`), found beside the package or installed."""
     from diffalign.hub import CONFIGS_DIR
 
     path = CONFIGS_DIR / name
@@ -168,9 +174,12 @@ def run_demo(
     settings: DemoSettings | None = None,
     methods: list[str] | None = None,
     console: Console | None = None,
+    model: str = "toy",
 ) -> dict[str, Any]:
-    """Run the demo into `out` (replacing a previous demo there only once it has succeeded); returns its metrics."""
+    """Run the demo on the bundled toy `model` ('toy' or 'toy-flow') into `out` (replacing a previous demo there only
+    once it has succeeded); returns its metrics."""
     from diffalign.gym.world import heldout_prompts, train_prompts
+    from diffalign.hub import check_toy
     from diffalign.methods import METHODS
     from diffalign.models import load_family
     from diffalign.rewards import load_reward
@@ -179,14 +188,15 @@ def run_demo(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"demo --methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    check_toy(model)
     console = console or Console(stderr=True)
     settings = settings or (QUICK if quick else FULL)
     out = Path(out)
     started = time.perf_counter()
     with atomic_dir(out, marker="metrics.json") as work:  # a failed demo leaves the previous one in `out` untouched
         ctx = DemoContext(
-            family=load_family("toy"), proxy=load_reward(PROXY), heldout=heldout_prompts(), train=train_prompts(),
-            settings=settings, work=work, seed=seed, eval_seed=seed, pairs_seed=seed + 1, console=console,
+            family=load_family(model), proxy=load_reward(PROXY), heldout=heldout_prompts(), train=train_prompts(),
+            settings=settings, work=work, model=model, seed=seed, eval_seed=seed, pairs_seed=seed + 1, console=console,
         )  # fmt: skip
         steps = len(methods) + 1
         console.print(
@@ -226,6 +236,7 @@ def demo_metrics(
     metrics: dict[str, Any] = {
         "settings": dataclasses.asdict(ctx.settings),
         "quick": quick,
+        "model": ctx.model,
         "seed": ctx.seed,
         "base": strip(ctx.base) | {"seconds": base_seconds},
         "methods": {},
@@ -349,7 +360,7 @@ def render_report(ctx: DemoContext, results: list[SectionResult], metrics: dict[
         "wall time",
     ]
     body = [
-        "<h1>diffalign demo — toy shapes world</h1>",
+        f"<h1>diffalign demo — toy shapes world, {ctx.model} ({type(ctx.family.pipe).__name__})</h1>",
         f"<p class='note'>{'quick' if metrics['quick'] else 'full'} run, seed {metrics['seed']}, "
         f"{metrics['seconds']:.0f} s. The proxy reward <b>{PROXY}</b> (a tiny learned CLIP) is what the methods "
         "optimise; the <b>gold checker</b> reads background, colour and shape from the pixels and is the truth. "

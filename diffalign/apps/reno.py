@@ -25,20 +25,23 @@ from typing import Any
 from diffalign.errors import UserError
 from diffalign.infer.configs import RenoConfig
 
-TOY_MODEL = "toy"
-TOY_DEFAULTS = {"reward": "toy-clip", "num_steps": 4, "guidance_scale": 4.5}
-"""ReNO on `--model toy`: the proxy reward, and 4 DDIM steps with the toy's CFG 4.5 (the toy is a 20-step model, not
-a distilled one: at 1 step its images are blurs at chance gold accuracy; see docs/results/reno.md)."""
+TOY_STEPS = 4
+"""ReNO on a bundled toy ('toy', 'toy-flow'): the proxy reward and 4 sampling steps at the toy's own CFG (the toys are
+20-step models, not distilled ones: at 1 step their images are blurs at chance gold accuracy; see
+docs/results/reno.md)."""
 MARKER = "summary.json"
 
 
 def reno_defaults(model: str) -> dict[str, Any]:
-    """Reward spec, sampling steps and guidance scale ReNO uses for `model` unless given: the toy's own, else the
-    paper's (its reward mix, one step, no CFG: SD-Turbo, SDXL-Turbo and FLUX.1-schnell are distilled for that)."""
+    """Reward spec, sampling steps and guidance scale ReNO uses for `model` unless given: on a toy its proxy, 4 steps
+    and its own CFG, else the paper's (its reward mix, one step, no CFG: SD-Turbo, SDXL-Turbo and FLUX.1-schnell are
+    distilled for that)."""
+    from diffalign.hub import TOY_MODELS, resolve_model
     from diffalign.infer.configs import RENO_REWARD
 
-    if model == TOY_MODEL:
-        return dict(TOY_DEFAULTS)
+    if model in TOY_MODELS:
+        settings = json.loads((Path(resolve_model(model)) / "diffalign.json").read_text())
+        return {"reward": "toy-clip", "num_steps": TOY_STEPS, "guidance_scale": settings["guidance_scale"]}
     return {"reward": RENO_REWARD, "num_steps": 1, "guidance_scale": 1.0}
 
 

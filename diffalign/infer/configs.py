@@ -41,7 +41,7 @@ class RenoConfig:
     Defaults: the paper's (official code ExplainableML/ReNO bd6f6ac, `arguments.py`)."""
 
     model: str = "toy"
-    """The one- or few-step model: 'toy', a hub id (stabilityai/sdxl-turbo), a local folder, or tiny-*."""
+    """The one- or few-step model: 'toy', 'toy-flow', a hub id (stabilityai/sdxl-turbo), a local folder, or tiny-*."""
     reward: str | None = None
     """Differentiable reward spec to maximise; default: the paper's mix hpsv2=5, imagereward=1, clip (ViT-H-14)
     0.01, pickscore=0.05 (`diffalign.infer.reno.RENO_REWARD`); on the toy model its proxy toy-clip."""

@@ -60,7 +60,8 @@ def load_family(
     seed: int = 0,
     vae: str | None = None,
 ) -> Family:
-    """Load a pipeline by name ('toy', 'tiny-<kind>', hub id or local folder) in `dtype` and wrap it in its family.
+    """Load a pipeline by name ('toy', 'toy-flow', 'tiny-<kind>', hub id or local folder) in `dtype` and wrap it in
+    its family.
 
     `vae`: another AutoencoderKL (hub id or local folder, e.g. madebyollin/sdxl-vae-fp16-fix) to use instead of the
     pipeline's. A float16 VAE whose config sets force_upcast runs in float32 (see `Family._upcast_vae_if_needed`)."""

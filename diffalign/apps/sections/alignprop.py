@@ -1,5 +1,5 @@
 """The demo's AlignProp section: the proxy reward toy-clip backpropagated through the sampler on the TRAINING prompts
-with configs/alignprop/toy.yaml, the proxy AND gold validation curves on the held-out prompts during training (reward
+with configs/alignprop/<toy>.yaml, the proxy AND gold validation curves on the held-out prompts during training (reward
 hacking shows as the proxy rising while the gold falls), and the after-measurement with the base's seeds."""
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def alignprop_section(ctx: DemoContext) -> SectionResult:
     if best:
         kept = f" The LoRA with the best held-out gold score (step {best['step']}) is kept in <code>best/</code>."
     html = [
-        f"<p>{steps} LoRA steps with <code>configs/alignprop/toy.yaml</code>: images sampled from the TRAINING "
-        "prompts, "
+        f"<p>{steps} LoRA steps with <code>configs/{ctx.config_name('alignprop')}</code>: images sampled from the "
+        "TRAINING prompts, "
         f"the proxy reward's gradient backpropagated {truncation_text(run)} into the LoRA. The gold checker is only "
         f"watched, on the held-out prompts.{kept} Measured below: the final LoRA.</p>",
         report.line_chart(

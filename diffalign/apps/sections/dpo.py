@@ -1,4 +1,4 @@
-"""The demo's Diffusion-DPO section: proxy-ranked pairs on the training prompts, DPO with configs/dpo/toy.yaml,
+"""The demo's Diffusion-DPO section: proxy-ranked pairs on the training prompts, DPO with configs/dpo/<toy>.yaml,
 the proxy and gold validation curves during training, and the after-measurement with the base's seeds."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def dpo_section(ctx: DemoContext) -> SectionResult:
     html = [
         f"<p>{pairs['pairs']} preference pairs (best vs worst of {ctx.settings.images_per_prompt} images per "
         f"training prompt, ranked by the proxy; {pairs['ties']} prompts tied), then {steps} LoRA steps with "
-        "<code>configs/dpo/toy.yaml</code>.</p>",
+        f"<code>configs/{ctx.config_name('dpo')}</code>.</p>",
         *pair_training_charts(curves, "DPO"),
     ]
     return SectionResult(

@@ -1,4 +1,4 @@
-"""The demo's DDIM-InPO section: the SAME proxy-ranked pairs as the DPO section, InPO with configs/inpo/toy.yaml,
+"""The demo's DDIM-InPO section: the SAME proxy-ranked pairs as the DPO section, InPO with configs/inpo/<toy>.yaml,
 the proxy and gold validation curves during training, and the after-measurement with the base's seeds."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ def inpo_section(ctx: DemoContext) -> SectionResult:
     pairs, curves = done["pairs"], done["curves"]
     html = [
         f"<p>The same {pairs['pairs']} preference pairs as Diffusion-DPO, then {steps} LoRA steps with "
-        "<code>configs/inpo/toy.yaml</code>: each step inverts winner and loser to a shared timestep with the "
-        "current model (DDIM inversion, no gradient) and applies the DPO loss at the inverted latents, whose "
+        f"<code>configs/{ctx.config_name('inpo')}</code>: each step inverts winner and loser to a shared timestep "
+        "with the current model (the sampler's deterministic inversion, no gradient) and applies the DPO loss at "
+        "the inverted latents, whose "
         f"reparametrised noise is the target. Training took {done['train_seconds']:.0f} s.</p>",
         *pair_training_charts(curves, "InPO"),
     ]

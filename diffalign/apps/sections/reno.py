@@ -1,4 +1,4 @@
-"""The demo's ReNO section: the toy model sampled with few steps (4 DDIM steps, CFG 4.5: `apps.reno.TOY_DEFAULTS`),
+"""The demo's ReNO section: the toy model sampled with few steps (4 steps at its own CFG: `apps.reno.reno_defaults`),
 ReNO with the proxy toy-clip on HELD-OUT prompts, measured against the same seeds at the same few steps without
 ReNO (its own baseline: ReNO optimises images, not a model, so its after-measurement is the optimised images).
 
@@ -39,7 +39,7 @@ def base_subset(base: dict[str, Any], count: int) -> dict[str, Any]:
 def reno_section(ctx: DemoContext) -> SectionResult:
     """ReNO on the held-out prompts with the evaluation seeds, before/after with the same few steps, curves."""
     from diffalign.apps import report
-    from diffalign.apps.reno import TOY_DEFAULTS
+    from diffalign.apps.reno import reno_defaults
     from diffalign.apps.toy_evaluation import image_seeds, paired_gain, repeat_prompts
     from diffalign.infer.reno import reno
     from diffalign.rewards import load_reward
@@ -47,7 +47,8 @@ def reno_section(ctx: DemoContext) -> SectionResult:
     started = time.perf_counter()
     count, iters = ctx.settings.size("reno", "samples"), ctx.settings.size("reno", "iters")
     prompts = repeat_prompts(ctx.heldout, count)
-    steps, guidance = TOY_DEFAULTS["num_steps"], TOY_DEFAULTS["guidance_scale"]
+    defaults = reno_defaults(ctx.model)
+    steps, guidance = defaults["num_steps"], defaults["guidance_scale"]
     ctx.console.print(f"  ReNO on {count} held-out images, {iters} iterations each, {steps} steps, CFG {guidance}")
     result = reno(
         ctx.family, prompts, ctx.proxy, seeds=image_seeds(ctx.eval_seed, count), iters=iters, lr=SECTION_LR,
@@ -72,7 +73,7 @@ def reno_section(ctx: DemoContext) -> SectionResult:
         }  # fmt: skip
     html = [
         f"<p>ReNO optimises the initial noise of each image, not the model: {count} held-out images (the first "
-        f"evaluation seeds), the toy model sampled with {steps} DDIM steps and CFG {guidance}, {iters} iterations "
+        f"evaluation seeds), the toy model sampled with {steps} steps and CFG {guidance}, {iters} iterations "
         f"each against the proxy {PROXY} (SGD lr {SECTION_LR}, Nesterov momentum 0.9, gradient norm clipped to 0.1, "
         "chi-norm regulariser 0.01). Its baseline is the same seeds at the same few steps without ReNO (below); "
         "the gain in the summary table is measured against it, not against the 20-step base model.</p>",

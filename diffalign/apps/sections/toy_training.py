@@ -1,4 +1,4 @@
-"""What the demo's training sections share: a method trained with its toy config (configs/<method>/toy.yaml) and the
+"""What the demo's training sections share: a method trained with its toy config (configs/<method>/<toy>.yaml) and the
 demo's settings, the model measured with a LoRA, and the run and charts of a preference-pair method (DPO, InPO)."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from diffalign.apps.demo import PROXY, DemoContext, read_curves, toy_config
 
 
 def train_on_toy(ctx: DemoContext, method: str, out: Path, steps: int, extra: list[str] | None = None) -> Path:
-    """Train `method` with its toy config (configs/<method>/toy.yaml) and the demo's settings; returns the LoRA."""
+    """Train `method` with its config for the demo's toy (`DemoContext.config_name`) and the demo's settings;
+    returns the LoRA."""
     from diffalign.processes import reset_accelerate_state
     from diffalign.train import load_train_config, train
 
@@ -29,7 +30,7 @@ def train_on_toy(ctx: DemoContext, method: str, out: Path, steps: int, extra: li
         *(extra or []),
         *ctx.train_overrides,
     ]
-    cfg = load_train_config(toy_config(f"{method}/toy.yaml"), overrides)
+    cfg = load_train_config(toy_config(ctx.config_name(method)), overrides)
     reset_accelerate_state()
     try:
         return train(cfg)

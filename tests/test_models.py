@@ -314,7 +314,7 @@ def shipped_lora_settings() -> list[tuple[str, str, list[str] | None]]:
     """(config name, tiny kind of its family, lora.targets or None for the family default) of every shipped config."""
     import yaml
 
-    kinds = {"sd15": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "toy": "sd"}
+    kinds = {"sd15": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "toy": "sd", "toy-flow": "sd3"}
     settings = []
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*/*.yaml")):
         if path.parent.name == "accelerate":

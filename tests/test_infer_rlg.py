@@ -88,7 +88,7 @@ def check_prediction_formula(family, base_family, guidance: float) -> None:
             expected = base + scale * (finetuned - base)
             for batched, calls in ((True, 1), (False, 2)):
                 predict = rlg_predict(family, scale, batched=batched)
-                torch.testing.assert_close(predict(x, t, cond, uncond, guidance), expected, atol=5e-5, rtol=1e-5)
+                torch.testing.assert_close(predict(x, t, cond, uncond, guidance), expected, atol=2e-4, rtol=1e-5)
                 assert predict.wrapper.calls == calls  # CFG's two halves ride in the same call
 
 

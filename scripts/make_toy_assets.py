@@ -345,9 +345,9 @@ def train_denoiser(
 
 
 # ---------------------------------------------------------------------------------------------------- choose_sampling
-def choose_sampling(family, budget: Budget, seed: int) -> tuple[dict, list[dict]]:
-    """Pick the CFG scale whose held-out all-correct rate (on a tuning seed, not the reported one) is closest to 40%:
-    imperfect enough for alignment to show a gain, good enough to build on."""
+def choose_sampling(family, budget, seed: int, target: float = 0.4) -> tuple[dict, list[dict]]:
+    """Pick the CFG scale of `budget.guidance_candidates` whose held-out all-correct rate (on a tuning seed, not the
+    reported one) is closest to `target`: imperfect enough for alignment to show a gain, good enough to build on."""
     trials = []
     for scale in budget.guidance_candidates:
         metrics = evaluate(family, world.heldout_prompts(), budget.tuning_samples, seed=seed, guidance_scale=scale)
@@ -355,7 +355,7 @@ def choose_sampling(family, budget: Budget, seed: int) -> tuple[dict, list[dict]
             {"guidance_scale": scale, **{k: metrics[k] for k in ("shape", "colour", "background", "all_correct")}}
         )
         log(f"choose_sampling: cfg {scale}: all-correct {metrics['all_correct']:.3f} (n={metrics['n']})")
-    best = min(trials, key=lambda t: abs(t["all_correct"] - 0.4))
+    best = min(trials, key=lambda t: abs(t["all_correct"] - target))
     settings = {**SAMPLING, "guidance_scale": best["guidance_scale"]}
     family.sampling_defaults.update(settings)
     log(f"choose_sampling: default settings {settings}")

@@ -41,8 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_toy_assets import (  # noqa: E402
     EMA,
+    SAMPLING,
     Progress,
     ProxyReward,
+    choose_sampling,
     folder_size,
     log,
     noisy_captions,
@@ -55,8 +57,6 @@ from diffalign.gym import world  # noqa: E402
 from diffalign.hub import ASSETS_DIR  # noqa: E402
 
 T5_TOKENS = 16
-SAMPLING = {"num_steps": 20, "eta": 0.0, "resolution": world.RESOLUTION}
-"""Default sampling settings (the guidance scale is chosen by `choose_sampling`), as the UNet toy's."""
 FEW_STEPS = 4
 """The few-step setting measured for ReNO (Euler steps, as FLUX.1-schnell samples)."""
 
@@ -258,21 +258,6 @@ def probe(pipe, emas: list[EMA], seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- choose/eval
-def choose_sampling(family, budget: Budget, seed: int) -> tuple[dict, list[dict]]:
-    """The CFG scale whose held-out all-correct rate on a tuning seed (not a reported one) is closest to 30 %:
-    imperfect enough for alignment to show a gain, good enough to build on (the issue's window is 15-50 %)."""
-    trials = []
-    for scale in budget.guidance_candidates:
-        metrics = evaluate(family, world.heldout_prompts(), budget.tuning_samples, seed=seed, guidance_scale=scale)
-        trials.append({"guidance_scale": scale, **{k: metrics[k] for k in (*world.ATTRIBUTES, "all_correct")}})
-        log(f"choose_sampling: cfg {scale}: all-correct {metrics['all_correct']:.3f} (n={metrics['n']})")
-    best = min(trials, key=lambda t: abs(t["all_correct"] - 0.3))
-    settings = {**SAMPLING, "guidance_scale": best["guidance_scale"]}
-    family.sampling_defaults.update(settings)
-    log(f"choose_sampling: default settings {settings}")
-    return settings, trials
-
-
 def evaluate_assets(family, reward: ProxyReward, budget: Budget, seed: int) -> dict:
     """Gold (and proxy) figures on fresh seeds at the default settings, on held-out and training prompts, and on
     held-out prompts at the few-step setting; the proxy's pairwise agreement with gold on this model's samples."""
@@ -328,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = build_pipeline(vae, tokenizer, t5_tokenizer_for(work / "t5"), args.seed)
     pipe = timed("train_denoiser", train_denoiser, pipe, budget, args.seed)
     family = family_of(pipe, guidance_scale=3.0)
-    settings, trials = timed("choose_sampling", choose_sampling, family, budget, args.seed + 100)
+    # closest to 30 % held-out (the issue's window is 15-50 %); the UNet toy aims at 40 %
+    settings, trials = timed("choose_sampling", choose_sampling, family, budget, args.seed + 100, target=0.3)
     figures = timed("evaluate", evaluate_assets, family, reward, budget, args.seed + 300)
     times["total"] = round(time.time() - start, 1)
     staging = out.with_name(out.name + ".partial")

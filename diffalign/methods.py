@@ -81,6 +81,15 @@ METHODS: dict[str, Method] = {
             full={"steps": 50}, quick={"steps": 4}, bench=True, smoke=("alignprop.num_steps=3",),
         ),
         Method(
+            "grpo", "GRPO (DDPO / Flow-GRPO)", "training", "diffalign.train.grpo", "diffalign.train.grpo:Config",
+            "diffalign.apps.sections.grpo:grpo_section",
+            full={"steps": 40, "rollout": (8, 8)}, quick={"steps": 2, "rollout": (2, 4)},
+            smoke=(
+                "grpo.prompts_per_rollout=2", "grpo.group_size=2", "gradient_accumulation_steps=2",
+                "grpo.num_steps=3",
+            ),
+        ),
+        Method(
             "reno", "ReNO", "inference", "diffalign.infer.reno", "diffalign.infer.configs:RenoConfig",
             "diffalign.apps.sections.reno:reno_section",
             full={"samples": 18, "iters": 50}, quick={"samples": 9, "iters": 15}, bench=True,

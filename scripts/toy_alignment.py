@@ -151,7 +151,8 @@ def main() -> None:
     started = time.perf_counter()
     settings = DemoSettings(
         eval_samples=args.eval_samples, pairs_repeats=args.pairs_repeats, images_per_prompt=args.images_per_prompt,
-        validation_every=100, validation_images=1, sizes={m: {"steps": args.steps} for m in training_methods()},
+        validation_every=100, validation_images=1,
+        sizes={m: {**METHODS[m].full, "steps": args.steps} for m in training_methods()},
     )  # fmt: skip
     ctx = DemoContext(
         family=load_family(args.model), proxy=load_reward(PROXY), heldout=heldout_prompts(), train=train_prompts(),

@@ -9,7 +9,18 @@ import torch
 
 from diffalign.errors import UserError, error_text
 from diffalign.hub import TINY_PREFIX, offline, quiet_hf_logs, resolve_model
-from diffalign.models.base import Cond, Family, PredictAt, Schedule, cond_cat, cond_expand, cond_select, cond_to
+from diffalign.models.base import (
+    Cond,
+    Family,
+    PredictAt,
+    Schedule,
+    Trajectory,
+    cond_cat,
+    cond_expand,
+    cond_select,
+    cond_to,
+    gaussian_log_prob,
+)
 from diffalign.models.flux import FluxFamily
 from diffalign.models.sd import SDFamily
 from diffalign.models.sd3 import SD3Family
@@ -26,6 +37,8 @@ __all__ = [
     "Cond",
     "Family",
     "Schedule",
+    "Trajectory",
+    "gaussian_log_prob",
     "cond_cat",
     "cond_expand",
     "cond_select",

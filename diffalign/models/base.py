@@ -11,6 +11,8 @@ transformer. Methods (DPO, InPO, AlignProp, ReNO, RLG) and rewards only use this
     family.predict(x_t, t, cond, uncond, cfg_scale)     denoiser prediction, with optional classifier-free guidance
     family.schedule(num_steps, latents) / .step(...)    differentiable sampler (DDIM+eta for UNets, flow Euler)
     family.sample(cond, ..., checkpoint, detach_before, predict) full differentiable sampling loop
+    family.transition(x, pred, schedule, i, noise_level, sde)  the Gaussian (mean, std) of a stochastic sampler step
+    family.rollout(cond, ..., noise_level, window) -> Trajectory  sampling that records latents and log-probs (RL)
     family.invert(x0, cond, t_end, num_steps, eta)     DDIM inversion (UNet) / reverse Euler (flow) to timesteps t_end
     family.encode_images(images) / .decode(latents)     images in [0, 1] <-> latents (scaling and shift applied)
     family.add_lora / save_lora / load_lora             peft LoRA on the denoiser, saved in the diffusers LoRA format
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +84,34 @@ class Schedule:
 
     def __len__(self) -> int:
         return len(self.timesteps)
+
+
+@dataclass
+class Trajectory:
+    """A recorded sampling run (`Family.rollout`)."""
+
+    latents: Tensor
+    """[B, N+1, C, h, w]: the initial noise x_0, then the latent after each of the N steps (x_N the sample)."""
+    log_probs: Tensor
+    """[B, N] float32: log p(x_{i+1} | x_i) of each stochastic step (0 for a deterministic one)."""
+    timesteps: Tensor
+    """[N] the timesteps of the steps (0..1000 scale)."""
+    stochastic: Tensor
+    """[N] bool: which steps were drawn from the transition Gaussian (the ones RL can train on)."""
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "mean") -> Tensor:
+    """log N(x; mean, std² I) per sample [B], in float32: the mean over dimensions (DDPO, Flow-GRPO: the ratio of
+    a step stays O(1) whatever the image size) or the sum (the true log-density of the whole latent)."""
+    x, mean = x.float(), mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    per_dim = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    dims = tuple(range(1, x.ndim))
+    if reduce == "mean":
+        return per_dim.mean(dim=dims)
+    if reduce == "sum":
+        return per_dim.sum(dim=dims)
+    raise ValueError(f"gaussian_log_prob: reduce {reduce!r} is not mean or sum")
 
 
 @dataclass
@@ -278,15 +309,25 @@ class Family:
             self._call_module = previous
 
     def predict(
-        self, x: Tensor, t: Tensor | float, cond: Cond, uncond: Cond | None = None, guidance_scale: float = 1.0
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        cond: Cond,
+        uncond: Cond | None = None,
+        guidance_scale: float = 1.0,
+        *,
+        detach_uncond: bool = False,
     ) -> Tensor:
-        """Denoiser prediction at x_t; with `uncond` and guidance_scale != 1, classifier-free guidance in one batch."""
+        """Denoiser prediction at x_t; with `uncond` and guidance_scale != 1, classifier-free guidance in one batch.
+        `detach_uncond`: no gradient through the unconditional branch (Flow-GRPO's training forward)."""
         batch = x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(batch)
         if uncond is None or guidance_scale == 1.0:
             return self.denoise(x, t, cond_expand(cond, batch))
         both = cond_cat([cond_expand(uncond, batch), cond_expand(cond, batch)])
         pred_uncond, pred_cond = self.denoise(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        if detach_uncond:
+            pred_uncond = pred_uncond.detach()
         return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
 
     # ------------------------------------------------------------------------------------------------ sampling
@@ -300,6 +341,67 @@ class Family:
     ) -> Tensor:  # family-specific
         """Sampler step i (x_t -> x_{t-1}); plain tensor math, so gradients flow through it."""
         raise NotImplementedError
+
+    default_noise_level: ClassVar[float] = 0.0
+    """The noise level of `transition` that the family's online-RL recipe defaults to (DDPO's η, Flow-GRPO's a)."""
+
+    def transition(
+        self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, noise_level: float, sde: str = "default"
+    ) -> tuple[Tensor, Tensor]:  # family-specific
+        """(mean, std) of the Gaussian that sampler step i draws x_{i+1} from, given x_i and the prediction there:
+        DDIM with η = noise_level for UNets, a flow SDE (`sde`) for flow families. noise_level 0 is the family's
+        deterministic sampler step (`step` with eta 0)."""
+        raise NotImplementedError
+
+    def transition_log_prob(
+        self,
+        x: Tensor,
+        x_next: Tensor,
+        pred: Tensor,
+        schedule: Schedule,
+        i: int,
+        noise_level: float,
+        sde: str = "default",
+        reduce: str = "mean",
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(log p(x_next | x_i) [B], mean, std) of step i in float32 (see `gaussian_log_prob` for `reduce`)."""
+        mean, std = self.transition(x, pred, schedule, i, noise_level, sde)
+        mean = mean.float()
+        return gaussian_log_prob(x_next.detach().float(), mean, std, reduce), mean, std
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        cond: Cond,
+        uncond: Cond | None = None,
+        *,
+        latents: Tensor,
+        num_steps: int,
+        guidance_scale: float = 1.0,
+        noise_level: float,
+        sde: str = "default",
+        window: range | None = None,
+        generator: torch.Generator | None = None,
+        reduce: str = "mean",
+    ) -> Trajectory:
+        """Sample from `latents` recording what online RL trains on: every latent and, for the steps in `window`
+        (default: all), drawn from the `transition` Gaussian with `noise_level`, the log-probability of the step taken;
+        the other steps are the deterministic sampler (noise level 0). The step noise comes from `generator`."""
+        schedule = self.schedule(num_steps, latents)
+        window = range(len(schedule)) if window is None else window
+        xs, log_probs = [latents], torch.zeros(latents.shape[0], len(schedule), device=latents.device)
+        for i, t in enumerate(schedule.timesteps):
+            x = xs[-1]
+            pred = self.predict(x, t, cond, uncond, guidance_scale)
+            if i in window and noise_level > 0:
+                mean, std = self.transition(x, pred, schedule, i, noise_level, sde)
+                x_next = mean.float() + std * torch.randn(x.shape, generator=generator).to(x.device)
+                log_probs[:, i] = gaussian_log_prob(x_next, mean.float(), std, reduce)
+            else:
+                x_next = self.step(x, pred, schedule, i).float()
+            xs.append(x_next)
+        stochastic = torch.tensor([i in window and noise_level > 0 for i in range(len(schedule))])
+        return Trajectory(torch.stack(xs, dim=1), log_probs, schedule.timesteps, stochastic)
 
     def initial_noise(
         self, batch_size: int, resolution: int | None = None, generator: torch.Generator | None = None

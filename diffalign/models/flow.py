@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from diffalign.errors import UserError
 from diffalign.losses.inpo import velocity_from_inversion
 from diffalign.models.base import Family, Schedule
 
@@ -70,6 +71,36 @@ class FlowFamily(Family):
             raise ValueError(f"{self.name}: the flow-matching Euler sampler is deterministic; eta={eta} needs eta=0")
         sigmas = schedule.coeffs["sigmas"].to(x.device)
         return x + (sigmas[i + 1] - sigmas[i]) * pred.to(x.dtype)
+
+    default_noise_level: ClassVar[float] = 0.7  # Flow-GRPO (yifan123/flow_grpo ac4c86e config/base.py: noise_level)
+
+    def transition(
+        self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, noise_level: float, sde: str = "default"
+    ) -> tuple[Tensor, Tensor]:
+        """The Gaussian of step i of a stochastic sampler with the same marginals as the flow ODE (sigma from s to
+        s' < s, dt = s' - s, noise level a = `noise_level`; a = 0 is the Euler step):
+
+        - "flow_sde" (the default; Flow-GRPO, Liu et al. 2025, eq. 9 and flow_grpo's `sde_step_with_logprob`):
+          g = a sqrt(s / (1 - s)) (s = 1 replaced by sigmas[1] there, as the official code, to stay finite), mean
+          x (1 + g² dt / 2s) + v (1 + g² (1 - s) / 2s) dt, std g sqrt(-dt);
+        - "cps" (coefficients-preserving sampling, Wang & Yu 2025): std s' sin(a pi / 2), mean
+          x̂0 (1 - s') + ε̂ sqrt(s'² - std²) with x̂0 = x - s v, ε̂ = x + (1 - s) v.
+
+        Computed in float32."""
+        sigmas = schedule.coeffs["sigmas"].to(x.device)
+        x, v = x.float(), pred.float()
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if sde in ("default", "flow_sde"):
+            dt = sigma_next - sigma
+            finite = torch.where(sigma == 1, sigmas[1], sigma)
+            g = noise_level * (sigma / (1 - finite)).sqrt()
+            mean = x * (1 + g**2 / (2 * sigma) * dt) + v * (1 + g**2 * (1 - sigma) / (2 * sigma)) * dt
+            return mean, g * (-dt).sqrt()
+        if sde == "cps":
+            std = sigma_next * torch.sin(torch.as_tensor(noise_level * torch.pi / 2))
+            x0, eps = x - sigma * v, x + (1 - sigma) * v
+            return x0 * (1 - sigma_next) + eps * (sigma_next**2 - std**2).clamp(min=0).sqrt(), std
+        raise UserError(f"{self.name}: unknown sde {sde!r}: flow_sde (Flow-GRPO) or cps")
 
     # --------------------------------------------------------------------------------------------- inversion
     def walk_step(self, x: Tensor, pred: Tensor, t_a: Tensor, t_b: Tensor) -> tuple[Tensor, Tensor]:

@@ -123,16 +123,28 @@ class UNetFamily(Family):
         std = ((1 - clean) / (1 - noisy).clamp(min=1e-12) * (1 - noisy / clean)).clamp(min=0).sqrt()
         return alpha_b.sqrt() * x0 + (1 - alpha_b).sqrt() * eps, std
 
+    default_noise_level: ClassVar[float] = 1.0  # DDPO (kvablack/ddpo-pytorch config/base.py: sample.eta 1.0)
+
+    def transition(
+        self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, noise_level: float, sde: str = "default"
+    ) -> tuple[Tensor, Tensor]:
+        """DDIM with η = `noise_level` (Song et al. 2021, eq. 12; DDPO): mean sqrt(a_prev) x0 + sqrt(1 - a_prev - s²)
+        eps and std s = η sqrt((1 - a_prev)/(1 - a_t) (1 - a_t/a_prev)). UNet families have one SDE (`sde`
+        "default" or "ddim")."""
+        if sde not in ("default", "ddim"):
+            raise UserError(f"{self.name}: sde {sde!r} is a flow-matching SDE; the UNet families step DDIM ('ddim')")
+        alpha = schedule.coeffs["alpha"][i].to(x.device)
+        alpha_prev = schedule.coeffs["alpha_prev"][i].to(x.device)
+        x0, eps = self.split_prediction(x, pred.to(x.dtype), alpha)
+        std = noise_level * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)).sqrt()
+        return alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps, std
+
     def step(
         self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, eta: float = 0.0, noise: Tensor | None = None
     ) -> Tensor:
         """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z,
         s = eta sqrt((1 - a_prev)/(1 - a_t) (1 - a_t/a_prev))."""
-        alpha = schedule.coeffs["alpha"][i].to(x.device)
-        alpha_prev = schedule.coeffs["alpha_prev"][i].to(x.device)
-        x0, eps = self.split_prediction(x, pred.to(x.dtype), alpha)
-        std = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)).sqrt()
-        out = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
+        out, std = self.transition(x, pred, schedule, i, eta)
         if eta > 0:
             if noise is None:
                 raise ValueError("DDIM with eta > 0 needs the step noise")

@@ -189,6 +189,10 @@ class Reward(nn.Module):
         """The score from `components` (as returned by `components`)."""
         return components[self.label]
 
+    def weights_by_label(self) -> dict[str, float]:
+        """{component label: its weight in `combine`} (one reward: its own label, weight 1)."""
+        return {self.label: 1.0}
+
     def prepare(self, images: Tensor) -> Tensor:
         """Move `images` to the reward's device as float32 (differentiable). Preprocessing runs in float32 (CPU
         antialiased resizing has no bfloat16 kernel); cast to `self.dtype` after it."""

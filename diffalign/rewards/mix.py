@@ -46,6 +46,10 @@ class WeightedSum(Reward):
         parts = [w * components[r.label].to(device) for r, w in zip(self.rewards, self.weights, strict=True)]
         return sum(parts[1:], parts[0])
 
+    def weights_by_label(self) -> dict[str, float]:
+        """{label_k: w_k}."""
+        return {r.label: w for r, w in zip(self.rewards, self.weights, strict=True)}
+
     def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
         """The weighted sum [B]."""
         return self.combine(self.components(images, prompts))

@@ -16,7 +16,6 @@ Reward-hacking guards: `validation.heldout_reward` (a second reward logged besid
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -242,17 +241,6 @@ def alignprop_step(
     return loss, metrics
 
 
-def validate_like_training(cfg: Config) -> Config:
-    """`cfg` with the validation reward and negative prompt, where unset, those of training (the optimised reward,
-    `alignprop.negative_prompt`)."""
-    validation = cfg.validation
-    if validation.prompts and not validation.reward:
-        validation = dataclasses.replace(validation, reward=cfg.alignprop.reward)
-    if validation.negative_prompt is None:
-        validation = dataclasses.replace(validation, negative_prompt=cfg.alignprop.negative_prompt)
-    return dataclasses.replace(cfg, validation=validation)
-
-
 def train(cfg: Config) -> Path:
     """Run the recipe; returns the folder of the final LoRA (or full denoiser)."""
     import torch
@@ -260,10 +248,10 @@ def train(cfg: Config) -> Path:
     from diffalign.data.loader import PromptBatches
     from diffalign.data.prompts import load_prompts
     from diffalign.rewards import load_reward
-    from diffalign.train import setup
+    from diffalign.train import setup, validation
     from diffalign.train.loop import fit
 
-    cfg = validate_like_training(cfg)
+    cfg = validation.like_training(cfg, cfg.alignprop.reward, cfg.alignprop.negative_prompt)
     check_config(cfg)  # a non-differentiable or unknown reward fails here, before any model loads
     prompts = load_prompts(cfg.data)  # so does a missing prompt file
     accelerator = setup.make_accelerator(cfg)

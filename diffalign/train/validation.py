@@ -29,6 +29,19 @@ def check_rewards(cfg: TrainConfig) -> None:
     check_best_by(cfg.validation)
 
 
+def like_training(cfg: TrainConfig, reward: str, negative_prompt: str | None) -> TrainConfig:
+    """`cfg` with the validation reward and negative prompt, where unset, those of training: the reward a method
+    optimises and the negative prompt it samples with (methods that sample while they train)."""
+    import dataclasses
+
+    validation = cfg.validation
+    if validation.prompts and not validation.reward:
+        validation = dataclasses.replace(validation, reward=reward)
+    if validation.negative_prompt is None:
+        validation = dataclasses.replace(validation, negative_prompt=negative_prompt)
+    return dataclasses.replace(cfg, validation=validation)
+
+
 def check_best_by(validation: ValidationConfig) -> None:
     """`best_by` names a metric the validation logs (val/reward... or val/heldout...), and `early_stop` needs it."""
     if validation.early_stop and not validation.best_by:

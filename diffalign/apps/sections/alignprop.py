@@ -8,7 +8,7 @@ import json
 import time
 
 from diffalign.apps.demo import DemoContext, SectionResult, read_curves
-from diffalign.apps.sections.toy_training import after_lora, train_on_toy
+from diffalign.apps.sections.toy_training import after_lora, reward_training_charts, train_on_toy
 
 
 def truncation_text(run) -> str:
@@ -29,8 +29,6 @@ def truncation_text(run) -> str:
 
 def alignprop_section(ctx: DemoContext) -> SectionResult:
     """AlignProp training with curves, after-measurement of the final LoRA (the best-by-gold one is kept too)."""
-    from diffalign.apps import report
-
     started = time.perf_counter()
     steps = ctx.settings.size("alignprop", "steps")
     run = ctx.work / "alignprop" / f"seed{ctx.seed}"
@@ -49,14 +47,7 @@ def alignprop_section(ctx: DemoContext) -> SectionResult:
         "TRAINING prompts, "
         f"the proxy reward's gradient backpropagated {truncation_text(run)} into the LoRA. The gold checker is only "
         f"watched, on the held-out prompts.{kept} Measured below: the final LoRA.</p>",
-        report.line_chart(
-            {"proxy, held-out prompts": curves["proxy"], "proxy, training batches": curves["reward"]},
-            "proxy reward (toy-clip) during training",
-        ),
-        report.line_chart(
-            {"gold all-correct": curves["gold_all_correct"], "gold mean attributes": curves["gold_score"]},
-            "held-out gold accuracy during training",
-        ),
+        *reward_training_charts(curves, "training batches"),
     ]
     return SectionResult(
         key="alignprop",

@@ -47,6 +47,23 @@ def after_lora(ctx: DemoContext, lora: Path, name: str) -> dict:
         ctx.family.unload_lora()
 
 
+def reward_training_charts(curves: dict[str, list[tuple[int, float]]], training: str) -> list[str]:
+    """The charts of a run that samples while it trains (AlignProp, GRPO): the proxy on the held-out prompts beside
+    the proxy of its own samples (`training` names them), and the held-out gold accuracy."""
+    from diffalign.apps import report
+
+    return [
+        report.line_chart(
+            {"proxy, held-out prompts": curves["proxy"], f"proxy, {training}": curves["reward"]},
+            "proxy reward (toy-clip) during training",
+        ),
+        report.line_chart(
+            {"gold all-correct": curves["gold_all_correct"], "gold mean attributes": curves["gold_score"]},
+            "held-out gold accuracy during training",
+        ),
+    ]
+
+
 def pair_training_charts(curves: dict[str, list[tuple[int, float]]], name: str) -> list[str]:
     """The charts of a preference-pair method's run: held-out proxy and gold during training, loss, implicit
     accuracy (`name` labels the last two)."""

@@ -12,6 +12,10 @@ from typing import Annotated
 import typer
 
 from diffalign.errors import UserError
+from diffalign.methods import METHODS, demo_methods
+
+OPT_IN = "".join(f", or {m}" for m in METHODS if m not in demo_methods())
+"""The demo's sections that run only when `--methods` names them, for its help."""
 
 app = typer.Typer(
     name="diffalign",
@@ -360,7 +364,8 @@ def demo(
     quick: Annotated[bool, typer.Option(help="A smaller run (under 5 minutes on 2 CPU cores).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the whole demo.")] = 0,
     methods: Annotated[
-        str | None, typer.Option(help="Comma-separated method sections to run (default: all), e.g. dpo.")
+        str | None,
+        typer.Option(help=f"Comma-separated method sections to run (default: {','.join(demo_methods())}{OPT_IN})."),
     ] = None,
     model: Annotated[
         str, typer.Option("--model", "-m", help="The bundled toy: 'toy' (UNet, DDIM) or 'toy-flow' (SD3-class).")

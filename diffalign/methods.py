@@ -36,6 +36,9 @@ class Method:
     held-out gain is beyond 2 paired SE on the demo's seed within the demo's 15 minutes (docs/results/demo.md)."""
     quick: dict[str, Any] = field(default_factory=dict)
     """Its sizes in the quick demo (`diffalign demo --quick`), a smoke run."""
+    in_demo: bool = True
+    """Whether `diffalign demo` runs it by default (False: only when named in `--methods`, e.g. while its claim on
+    the toy world is not yet shown within the demo's budget)."""
     bench: bool = False
     """Whether it has a benchmark, `scripts/bench_<name>.py` (`python scripts/bench.py <name>`)."""
     smoke: tuple[str, ...] = ()
@@ -83,7 +86,7 @@ METHODS: dict[str, Method] = {
         Method(
             "grpo", "GRPO (DDPO / Flow-GRPO)", "training", "diffalign.train.grpo", "diffalign.train.grpo:Config",
             "diffalign.apps.sections.grpo:grpo_section",
-            full={"steps": 40, "rollout": (8, 8)}, quick={"steps": 2, "rollout": (2, 4)},
+            full={"steps": 40, "rollout": (8, 8)}, quick={"steps": 2, "rollout": (2, 4)}, in_demo=False,
             smoke=(
                 "grpo.prompts_per_rollout=2", "grpo.group_size=2", "gradient_accumulation_steps=2",
                 "grpo.num_steps=3",
@@ -104,6 +107,11 @@ METHODS: dict[str, Method] = {
     )
 }  # fmt: skip
 """Every method, in the order the demo runs them (DPO first: RLG guides with its LoRA)."""
+
+
+def demo_methods() -> list[str]:
+    """The methods `diffalign demo` runs when `--methods` names none."""
+    return [name for name, method in METHODS.items() if method.in_demo]
 
 
 def training_methods() -> list[str]:

@@ -13,6 +13,7 @@ from diffalign.apps import demo
 from diffalign.apps.sections import dpo as dpo_section
 from diffalign.apps.sections import toy_training
 from diffalign.gym.world import heldout_prompts, train_prompts
+from diffalign.methods import METHODS
 from diffalign.processes import reset_accelerate_state
 
 SMALL = demo.DemoSettings(
@@ -29,7 +30,7 @@ def demo_run(tmp_path_factory):
     reset_accelerate_state()
     try:
         with umask(UMASK):  # the demo writes every kind of output (LoRAs, checkpoints, grids, HTML) under it
-            metrics = demo.run_demo(out, settings=SMALL)
+            metrics = demo.run_demo(out, settings=SMALL, methods=list(METHODS))  # GRPO too (not a default)
     finally:
         reset_accelerate_state()
     return out, metrics
@@ -243,10 +244,9 @@ def test_every_section_runs_on_the_flow_toy_with_its_own_configs(tmp_path):
     configs/<method>/toy-flow.yaml, ReNO at its few steps, RLG on its DPO LoRA), one report."""
     reset_accelerate_state()
     try:
-        metrics = demo.run_demo(tmp_path / "flow", settings=SMALL, model="toy-flow")
+        metrics = demo.run_demo(tmp_path / "flow", settings=SMALL, model="toy-flow", methods=list(METHODS))
     finally:
         reset_accelerate_state()
-    from diffalign.methods import METHODS
 
     assert metrics["model"] == "toy-flow" and list(metrics["methods"]) == list(METHODS)
     assert all(m["after"]["n"] > 0 for m in metrics["methods"].values())

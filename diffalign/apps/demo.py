@@ -180,11 +180,11 @@ def run_demo(
     once it has succeeded); returns its metrics."""
     from diffalign.gym.world import heldout_prompts, train_prompts
     from diffalign.hub import check_toy
-    from diffalign.methods import METHODS
+    from diffalign.methods import METHODS, demo_methods
     from diffalign.models import load_family
     from diffalign.rewards import load_reward
 
-    methods = methods or list(METHODS)
+    methods = methods or demo_methods()
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"demo --methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")

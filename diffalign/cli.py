@@ -19,7 +19,7 @@ OPT_IN = "".join(f", or {m}" for m in METHODS if m not in demo_methods())
 
 app = typer.Typer(
     name="diffalign",
-    help="Align text-to-image diffusion models with human preferences (Diffusion-DPO, InPO, AlignProp, ReNO, RLG).",
+    help="Align text-to-image diffusion models with human preferences (DPO, InPO, AlignProp, GRPO, ReNO, RLG).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -1,0 +1,121 @@
+"""GRPO benchmark (used by `scripts/bench.py grpo`): the recipe's own work against the bare torch work it needs.
+
+The toy model with a rank-8 LoRA (random non-zero B), configs/grpo/toy.yaml's sampler (10 DDIM steps, η 1, CFG 4.5):
+  rollout  `Family.rollout` of IMAGES training-prompt images in chunks of 16, recording latents and log-probs,
+           against the bare stochastic sampler `Family.sample(eta=1)` on the same noise (the same denoiser calls).
+           Target <= 1.10.
+  update   `GrpoRecipe.loss` + backward of one micro-batch (16 images) at each trained step, with the KL term on,
+           against the bare work: the same CFG forward, a plain loss on the prediction, its backward, and the
+           reference forward (LoRA off, no grad). Target <= 1.10.
+ROUNDS interleaved rounds; per variant the fastest counts (noise only adds). Peak memory against the group size is
+not measured here (the buffer is latents only: 64 images x 11 latents of 4x8x8 floats on the toy).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kit import alternate  # noqa: E402
+
+IMAGES, CHUNK, STEPS, ROUNDS = 64, 16, 10, 3
+
+
+def main() -> None:
+    import torch
+    from bench_rlg import lora_family
+
+    from diffalign.gym.world import train_prompts
+    from diffalign.models import cond_select
+    from diffalign.train.grpo import Config, GrpoConfig, GrpoRecipe, Rollout
+
+    family = lora_family()
+    for name, p in family.denoiser.named_parameters():
+        p.requires_grad_("lora_" in name)
+    prompts = [train_prompts()[i % 8] for i in range(IMAGES)]
+    cond, uncond = family.encode_prompts(prompts), family.encode_negative()
+    guidance = family.sampling_defaults["guidance_scale"]
+    chunks = torch.arange(IMAGES).split(CHUNK)
+
+    def noise(index: int) -> tuple[torch.Tensor, torch.Generator]:
+        generator = torch.Generator().manual_seed(index)
+        return family.initial_noise(CHUNK, 32, generator), generator
+
+    def rollout() -> float:
+        started = time.perf_counter()
+        for index, chunk in enumerate(chunks):
+            latents, generator = noise(index)
+            family.rollout(
+                cond_select(cond, chunk), uncond, latents=latents, num_steps=STEPS, guidance_scale=guidance,
+                noise_level=1.0, generator=generator,
+            )  # fmt: skip
+        return time.perf_counter() - started
+
+    def sampler() -> float:
+        started = time.perf_counter()
+        with torch.no_grad():
+            for index, chunk in enumerate(chunks):
+                latents, generator = noise(index)
+                family.sample(
+                    cond_select(cond, chunk), uncond, latents=latents, num_steps=STEPS, guidance_scale=guidance,
+                    eta=1.0, generator=generator,
+                )  # fmt: skip
+        return time.perf_counter() - started
+
+    latents, generator = noise(0)
+    trajectory = family.rollout(
+        cond_select(cond, chunks[0]), uncond, latents=latents, num_steps=STEPS, guidance_scale=guidance,
+        noise_level=1.0, generator=generator,
+    )  # fmt: skip
+    buffer = Rollout(
+        prompts[:CHUNK], cond_select(cond, chunks[0]), trajectory.latents, trajectory.log_probs,
+        torch.randn(CHUNK), {},
+    )  # fmt: skip
+    settings = GrpoConfig(kl_weight=0.04, clip_range=0.2)
+    config = Config(grpo=settings)
+    schedule = family.schedule(STEPS, latents)
+    trained = list(range(STEPS // 2))
+    recipe = GrpoRecipe(
+        cfg=config, accelerator=None, family=family, reward=None, uncond=uncond, schedule=schedule,
+        window=range(STEPS), trained=trained, noise_level=1.0, guidance_scale=guidance, resolution=32, prompts=[],
+    )  # fmt: skip
+    images = torch.arange(CHUNK)
+
+    def update() -> float:
+        started = time.perf_counter()
+        for i in trained:
+            loss, _ = recipe.loss({"rollout": buffer, "images": images, "step": i, "first": False})
+            loss.backward()
+        return time.perf_counter() - started
+
+    def bare_update() -> float:
+        started = time.perf_counter()
+        for i in trained:
+            x, t = buffer.latents[:, i], schedule.timesteps[i]
+            pred = family.predict(x, t, buffer.cond, uncond, guidance, detach_uncond=True)
+            with family.reference():
+                family.predict(x, t, buffer.cond, uncond, guidance)
+            pred.float().pow(2).mean().backward()
+        return time.perf_counter() - started
+
+    rollout(), sampler(), update(), bare_update()  # warm-up
+    times = alternate({"rollout": rollout, "sampler": sampler, "update": update, "bare update": bare_update}, ROUNDS)
+    best = {name: min(values) for name, values in times.items()}
+    print(
+        f"grpo bench: toy model + rank-8 LoRA, {IMAGES} images in chunks of {CHUNK}, {STEPS} DDIM steps at eta 1, "
+        f"CFG {guidance}; update: {CHUNK} images x {len(trained)} trained steps, KL on; {torch.get_num_threads()} "
+        f"torch threads, {ROUNDS} interleaved rounds (fastest counts)"
+    )
+    for name, values in times.items():
+        print(f"  {name:12s} s: {', '.join(f'{v:.2f}' for v in values)}")
+    print(f"  rollout with log-probs / bare stochastic sampler: {best['rollout'] / best['sampler']:.3f}   "
+          "(target <= 1.10)")  # fmt: skip
+    print(f"  update / bare forward+backward + reference forward: {best['update'] / best['bare update']:.3f}   "
+          "(target <= 1.10)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -44,24 +44,17 @@ def main() -> None:
         generator = torch.Generator().manual_seed(index)
         return family.initial_noise(CHUNK, 32, generator), generator
 
-    def rollout() -> float:
-        started = time.perf_counter()
-        for index, chunk in enumerate(chunks):
-            latents, generator = noise(index)
-            family.rollout(
-                cond_select(cond, chunk), uncond, latents=latents, num_steps=STEPS, guidance_scale=guidance,
-                noise_level=1.0, generator=generator,
-            )  # fmt: skip
-        return time.perf_counter() - started
-
-    def sampler() -> float:
+    def sampling(recorded: bool) -> float:
+        """Seconds of sampling every chunk: the recorded rollout, or the bare stochastic sampler on the same noise."""
         started = time.perf_counter()
         with torch.no_grad():
             for index, chunk in enumerate(chunks):
                 latents, generator = noise(index)
-                family.sample(
+                run = family.rollout if recorded else family.sample
+                noise_key = {"noise_level": 1.0} if recorded else {"eta": 1.0}
+                run(
                     cond_select(cond, chunk), uncond, latents=latents, num_steps=STEPS, guidance_scale=guidance,
-                    eta=1.0, generator=generator,
+                    generator=generator, **noise_key,
                 )  # fmt: skip
         return time.perf_counter() - started
 
@@ -101,8 +94,11 @@ def main() -> None:
             pred.float().pow(2).mean().backward()
         return time.perf_counter() - started
 
-    rollout(), sampler(), update(), bare_update()  # warm-up
-    times = alternate({"rollout": rollout, "sampler": sampler, "update": update, "bare update": bare_update}, ROUNDS)
+    runs = {"rollout": lambda: sampling(True), "sampler": lambda: sampling(False)}
+    runs |= {"update": update, "bare update": bare_update}
+    for run in runs.values():  # warm-up
+        run()
+    times = alternate(runs, ROUNDS)
     best = {name: min(values) for name, values in times.items()}
     print(
         f"grpo bench: toy model + rank-8 LoRA, {IMAGES} images in chunks of {CHUNK}, {STEPS} DDIM steps at eta 1, "

@@ -389,18 +389,18 @@ class Family:
         the other steps are the deterministic sampler (noise level 0). The step noise comes from `generator`."""
         schedule = self.schedule(num_steps, latents)
         window = range(len(schedule)) if window is None else window
+        stochastic = torch.tensor([i in window and noise_level > 0 for i in range(len(schedule))])
         xs, log_probs = [latents], torch.zeros(latents.shape[0], len(schedule), device=latents.device)
         for i, t in enumerate(schedule.timesteps):
             x = xs[-1]
             pred = self.predict(x, t, cond, uncond, guidance_scale)
-            if i in window and noise_level > 0:
+            if stochastic[i]:
                 mean, std = self.transition(x, pred, schedule, i, noise_level, sde)
                 x_next = mean.float() + std * torch.randn(x.shape, generator=generator).to(x.device)
                 log_probs[:, i] = gaussian_log_prob(x_next, mean.float(), std, reduce)
             else:
                 x_next = self.step(x, pred, schedule, i).float()
             xs.append(x_next)
-        stochastic = torch.tensor([i in window and noise_level > 0 for i in range(len(schedule))])
         return Trajectory(torch.stack(xs, dim=1), log_probs, schedule.timesteps, stochastic)
 
     def initial_noise(

@@ -43,7 +43,7 @@ class WeightedSum(Reward):
     def combine(self, components: dict[str, Tensor]) -> Tensor:
         """sum_k w_k * components[label_k]."""
         device = components[self.rewards[0].label].device
-        parts = [w * components[r.label].to(device) for r, w in zip(self.rewards, self.weights, strict=True)]
+        parts = [w * components[label].to(device) for label, w in self.weights_by_label().items()]
         return sum(parts[1:], parts[0])
 
     def weights_by_label(self) -> dict[str, float]:

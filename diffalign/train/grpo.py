@@ -240,8 +240,10 @@ class GrpoRecipe:
         family, settings = self.family, self.settings
         generator = rollout_generator(self.cfg.seed, self.accelerator.process_index, index)
         images_prompts = [p for p in prompts for _ in range(settings.group_size)]
-        with torch.no_grad():
-            cond = family.encode_prompts(images_prompts)
+        with torch.no_grad():  # each prompt once, its rows repeated for its group
+            cond = cond_select(
+                family.encode_prompts(prompts), torch.arange(len(prompts)).repeat_interleave(settings.group_size)
+            )
         latents, log_probs, components = [], [], []
         with torch.no_grad(), self.accelerator.autocast():
             for chunk in torch.arange(len(images_prompts)).split(self.cfg.batch_size):
@@ -370,9 +372,10 @@ def train(cfg: Config) -> Path:
     if settings.advantages == "prompt_stats":
         stats = PromptStats(settings.stats_buffer, settings.stats_min_count)
         accelerator.register_for_checkpointing(stats)
+    shape_only = torch.zeros(family.latent_shape(1, sampler.resolution), device=family.device)  # the grid needs a shape
     recipe = GrpoRecipe(
         cfg=cfg, accelerator=accelerator, family=family, reward=load_reward(settings.reward, device=family.device),
-        uncond=uncond, schedule=family.schedule(sampler.num_steps, family.initial_noise(1, sampler.resolution)),
+        uncond=uncond, schedule=family.schedule(sampler.num_steps, shape_only),
         window=window, trained=trained,
         noise_level=settings.noise_level if settings.noise_level is not None else family.default_noise_level,
         guidance_scale=sampler.guidance_scale, resolution=sampler.resolution, prompts=prompts, stats=stats,

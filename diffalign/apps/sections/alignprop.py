@@ -4,11 +4,10 @@ hacking shows as the proxy rising while the gold falls), and the after-measureme
 
 from __future__ import annotations
 
-import json
 import time
 
-from diffalign.apps.demo import DemoContext, SectionResult, read_curves
-from diffalign.apps.sections.toy_training import after_lora, reward_training_charts, train_on_toy
+from diffalign.apps.demo import DemoContext, SectionResult
+from diffalign.apps.sections.toy_training import reward_method_run, reward_training_charts
 
 
 def truncation_text(run) -> str:
@@ -31,22 +30,13 @@ def alignprop_section(ctx: DemoContext) -> SectionResult:
     """AlignProp training with curves, after-measurement of the final LoRA (the best-by-gold one is kept too)."""
     started = time.perf_counter()
     steps = ctx.settings.size("alignprop", "steps")
-    run = ctx.work / "alignprop" / f"seed{ctx.seed}"
     # A few dozen steps (each of 32 prompts) against the pair methods' hundreds: validate and log 5 times a run.
-    every = max(1, steps // 5)
-    lora = train_on_toy(ctx, "alignprop", run, steps, extra=[f"validation.every={every}", f"log_every={every}"])
-    curves = read_curves(run / "metrics.jsonl", extra=("reward",))
-    best = json.loads((run / "summary.json").read_text()).get("best") or {}
-    ctx.console.print(f"  measuring the AlignProp model on {ctx.settings.eval_samples} held-out samples (same seeds)")
-    after = after_lora(ctx, lora, "alignprop")
-    kept = ""
-    if best:
-        kept = f" The LoRA with the best held-out gold score (step {best['step']}) is kept in <code>best/</code>."
+    result = reward_method_run(ctx, "alignprop", steps, max(1, steps // 5), [], ("reward",))
+    curves, best, after, kept = (result[k] for k in ("curves", "best", "after", "kept"))
     html = [
         f"<p>{steps} LoRA steps with <code>configs/{ctx.config_name('alignprop')}</code>: images sampled from the "
-        "TRAINING prompts, "
-        f"the proxy reward's gradient backpropagated {truncation_text(run)} into the LoRA. The gold checker is only "
-        f"watched, on the held-out prompts.{kept} Measured below: the final LoRA.</p>",
+        f"TRAINING prompts, the proxy reward's gradient backpropagated {truncation_text(result['run'])} into the "
+        f"LoRA. The gold checker is only watched, on the held-out prompts.{kept} Measured below: the final LoRA.</p>",
         *reward_training_charts(curves, "training batches"),
     ]
     return SectionResult(

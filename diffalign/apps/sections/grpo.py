@@ -4,11 +4,10 @@ gold validation curves on the held-out prompts during training, and the after-me
 
 from __future__ import annotations
 
-import json
 import time
 
-from diffalign.apps.demo import DemoContext, SectionResult, read_curves
-from diffalign.apps.sections.toy_training import after_lora, reward_training_charts, train_on_toy
+from diffalign.apps.demo import DemoContext, SectionResult
+from diffalign.apps.sections.toy_training import reward_method_run, reward_training_charts
 
 
 def grpo_section(ctx: DemoContext) -> SectionResult:
@@ -16,21 +15,14 @@ def grpo_section(ctx: DemoContext) -> SectionResult:
     started = time.perf_counter()
     steps = ctx.settings.size("grpo", "steps")
     prompts, group = ctx.settings.size("grpo", "rollout")
-    run = ctx.work / "grpo" / f"seed{ctx.seed}"
     every = max(2, steps // 5 // 2 * 2)  # validate on rollout boundaries (2 optimizer steps a rollout), 5 times a run
     rollout = [  # the toy configs' 2 optimizer steps per rollout (2 micro-batches of accumulation each)
         f"grpo.prompts_per_rollout={prompts}",
         f"grpo.group_size={group}",
         f"batch_size={max(1, prompts * group // 4)}",
     ]
-    lora = train_on_toy(ctx, "grpo", run, steps, extra=[f"validation.every={every}", f"log_every={every}", *rollout])
-    curves = read_curves(run / "metrics.jsonl", extra=("reward", "ratio"))
-    best = json.loads((run / "summary.json").read_text()).get("best") or {}
-    ctx.console.print(f"  measuring the GRPO model on {ctx.settings.eval_samples} held-out samples (same seeds)")
-    after = after_lora(ctx, lora, "grpo")
-    kept = ""
-    if best:
-        kept = f" The LoRA with the best held-out gold score (step {best['step']}) is kept in <code>best/</code>."
+    result = reward_method_run(ctx, "grpo", steps, every, rollout, ("reward", "ratio"))
+    curves, best, after, kept = (result[k] for k in ("curves", "best", "after", "kept"))
     html = [
         f"<p>{steps} LoRA steps with <code>configs/{ctx.config_name('grpo')}</code>: per rollout, {prompts} groups of "
         f"{group} images sampled with the stochastic sampler from the TRAINING prompts, each image's proxy reward "

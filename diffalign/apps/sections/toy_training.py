@@ -1,8 +1,10 @@
 """What the demo's training sections share: a method trained with its toy config (configs/<method>/<toy>.yaml) and the
-demo's settings, the model measured with a LoRA, and the run and charts of a preference-pair method (DPO, InPO)."""
+demo's settings, the model measured with a LoRA, the run and charts of a preference-pair method (DPO, InPO) and of a
+method that samples while it trains (AlignProp, GRPO)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -45,6 +47,27 @@ def after_lora(ctx: DemoContext, lora: Path, name: str) -> dict:
         return ctx.measure()
     finally:
         ctx.family.unload_lora()
+
+
+def reward_method_run(
+    ctx: DemoContext, method: str, steps: int, every: int, extra: list[str], curves: tuple[str, ...]
+) -> dict:
+    """What AlignProp and GRPO sections share: train `method` validating and logging `every` steps (plus `extra`
+    overrides), read its curves (with the training metrics `curves`) and its best record, measure its final LoRA.
+    Returns run (its folder), curves, best, after and kept (the sentence saying where the best LoRA is kept, or "")."""
+    from diffalign.methods import METHODS
+
+    run = ctx.work / method / f"seed{ctx.seed}"
+    lora = train_on_toy(ctx, method, run, steps, extra=[f"validation.every={every}", f"log_every={every}", *extra])
+    read = read_curves(run / "metrics.jsonl", extra=curves)
+    best = json.loads((run / "summary.json").read_text()).get("best") or {}
+    name = METHODS[method].title
+    ctx.console.print(f"  measuring the {name} model on {ctx.settings.eval_samples} held-out samples (same seeds)")
+    after = after_lora(ctx, lora, method)
+    kept = ""
+    if best:
+        kept = f" The LoRA with the best held-out gold score (step {best['step']}) is kept in <code>best/</code>."
+    return {"run": run, "curves": read, "best": best, "after": after, "kept": kept}
 
 
 def reward_training_charts(curves: dict[str, list[tuple[int, float]]], training: str) -> list[str]:

@@ -93,6 +93,14 @@ METHODS: dict[str, Method] = {
             ),
         ),
         Method(
+            "nft", "DiffusionNFT", "training", "diffalign.train.nft", "diffalign.train.nft:Config",
+            "diffalign.apps.sections.nft:nft_section",
+            full={"steps": 60, "rollout": (8, 8)}, quick={"steps": 2, "rollout": (2, 4)}, in_demo=False, bench=True,
+            smoke=(
+                "nft.prompts_per_rollout=2", "nft.group_size=2", "gradient_accumulation_steps=2", "nft.num_steps=3",
+            ),
+        ),
+        Method(
             "reno", "ReNO", "inference", "diffalign.infer.reno", "diffalign.infer.configs:RenoConfig",
             "diffalign.apps.sections.reno:reno_section",
             full={"samples": 18, "iters": 50}, quick={"samples": 9, "iters": 15}, bench=True,

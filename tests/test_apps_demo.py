@@ -19,7 +19,8 @@ from diffalign.processes import reset_accelerate_state
 SMALL = demo.DemoSettings(
     eval_samples=18, pairs_repeats=1, images_per_prompt=2, validation_every=2, validation_images=1,
     sizes={"dpo": {"steps": 4}, "inpo": {"steps": 2}, "alignprop": {"steps": 2},
-           "grpo": {"steps": 2, "rollout": (2, 4)}, "reno": {"samples": 9, "iters": 3},
+           "grpo": {"steps": 2, "rollout": (2, 4)}, "nft": {"steps": 2, "rollout": (2, 4)},
+           "reno": {"samples": 9, "iters": 3},
            "rlg": {"scales": (0.0, 1.0, 2.0), "samples": 64, "scale": 2.0}},
 )  # fmt: skip
 
@@ -30,7 +31,7 @@ def demo_run(tmp_path_factory):
     reset_accelerate_state()
     try:
         with umask(UMASK):  # the demo writes every kind of output (LoRAs, checkpoints, grids, HTML) under it
-            metrics = demo.run_demo(out, settings=SMALL, methods=list(METHODS))  # GRPO too (not a default)
+            metrics = demo.run_demo(out, settings=SMALL, methods=list(METHODS))  # GRPO and NFT too (not defaults)
     finally:
         reset_accelerate_state()
     return out, metrics
@@ -228,15 +229,18 @@ def test_pairs_are_made_once_for_every_training_seed(monkeypatch, tmp_path):
     assert calls == [tmp_path / "pairs.parquet"]
 
 
-def test_demo_grpo_section_logs_rollout_rewards_beside_the_proxy_and_gold_curves(demo_run):
+@pytest.mark.parametrize(
+    ("method", "title", "watched"), [("grpo", "GRPO", "ratio"), ("nft", "DiffusionNFT", "optimality")]
+)
+def test_demo_rollout_sections_log_rollout_rewards_beside_the_proxy_and_gold_curves(demo_run, method, title, watched):
     out, metrics = demo_run
-    grpo = metrics["methods"]["grpo"]
-    assert grpo["steps"] == 2 and grpo["rollout"] == [2, 4] and grpo["after"]["n"] == 18
-    curves = grpo["curves"]
+    section = metrics["methods"][method]
+    assert section["steps"] == 2 and section["rollout"] == [2, 4] and section["after"]["n"] == 18
+    curves = section["curves"]
     assert [step for step, _ in curves["proxy"]] == [0, 2] and len(curves["gold_all_correct"]) == 2
-    assert [step for step, _ in curves["reward"]] == [2] and [step for step, _ in curves["ratio"]] == [2]
+    assert [step for step, _ in curves["reward"]] == [2] and [step for step, _ in curves[watched]] == [2]
     html = (out / "report.html").read_text()
-    assert "<h2>GRPO</h2>" in html and "2 groups of 4 images" in html and "configs/grpo/toy.yaml" in html
+    assert f"<h2>{title}</h2>" in html and "2 groups of 4 images" in html and f"configs/{method}/toy.yaml" in html
 
 
 def test_every_section_runs_on_the_flow_toy_with_its_own_configs(tmp_path):

@@ -140,3 +140,20 @@ def test_rollout_outside_its_window_is_the_deterministic_sampler(kind):
     assert window.log_probs[:, [0, 3]].eq(0).all() and window.log_probs[:, [1, 2]].ne(0).all()
     assert torch.equal(window.latents[:, 1], none.latents[:, 1])  # step 0 is deterministic in both
     assert not torch.equal(window.latents[:, 2], none.latents[:, 2])  # step 1 drew noise
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_predicted_clean_of_the_true_target_is_the_clean_latent_and_is_affine(kind):
+    """x̂0 of the regression target at the forward-noised latent is x0 exactly (ε, v and velocity alike); a
+    combination of predictions whose weights sum to 1 maps to the same combination of their x̂0 (DiffusionNFT)."""
+    family = build_family(kind)
+    generator = torch.Generator().manual_seed(3)
+    x0 = family.initial_noise(2, 32, generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    timesteps = family.timesteps_at(torch.tensor([5, 600]))
+    noisy, target = family.noisy_and_target(x0, eps, timesteps)
+    torch.testing.assert_close(family.predicted_clean(noisy, target, timesteps), x0, atol=1e-4, rtol=1e-4)
+    a, b = torch.randn(x0.shape, generator=generator), torch.randn(x0.shape, generator=generator)
+    combined = family.predicted_clean(noisy, 1.5 * a - 0.5 * b, timesteps)
+    mixed = 1.5 * family.predicted_clean(noisy, a, timesteps) - 0.5 * family.predicted_clean(noisy, b, timesteps)
+    torch.testing.assert_close(combined, mixed, atol=1e-4, rtol=1e-4)

@@ -61,7 +61,7 @@ def test_kl_to_the_reference_starts_at_zero_and_per_reward_advantages_log_every_
 
 
 def test_checkpoints_must_fall_on_rollout_boundaries_and_a_rollout_must_split_into_updates(tmp_path):
-    from diffalign.train.grpo import check_config, updates_per_rollout
+    from diffalign.train.online import check_config, updates_per_rollout
 
     cfg = load_train_config(TOY, tiny(tmp_path, "checkpoint_every=3"))
     assert updates_per_rollout(cfg) == 2

@@ -289,6 +289,12 @@ class Family:
         reparametrisation of DDIM-InPO, `diffalign.losses.inpo`: ε̂, v̂ or the flow velocity ε̂ - x0)."""
         raise NotImplementedError  # family-specific
 
+    def predicted_clean(self, noisy: Tensor, pred: Tensor, timesteps: Tensor) -> Tensor:  # family-specific
+        """The clean latent x̂0 that a prediction at `noisy` x_t and `timesteps` ([B]) implies, in the family's
+        parametrisation (ε, v or the flow velocity): an affine map of `pred`, so a combination of predictions whose
+        weights sum to 1 maps to the same combination of their x̂0 (DiffusionNFT's implicit policies)."""
+        raise NotImplementedError
+
     # ---------------------------------------------------------------------------------------------- prediction
     def denoise(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:  # family-specific
         """One denoiser call: x [B,C,h,w], t [B] (0..1000 scale), cond with batch B -> prediction [B,C,h,w]."""

@@ -52,6 +52,11 @@ class FlowFamily(Family):
         sigma = self.sigmas_for(timesteps).reshape(-1, *([1] * (latents.ndim - 1))).to(latents)
         return velocity_from_inversion(noisy, latents, sigma)
 
+    def predicted_clean(self, noisy: Tensor, pred: Tensor, timesteps: Tensor) -> Tensor:
+        """x̂0 = x_t - sigma v̂: affine in the velocity."""
+        sigma = self.sigmas_for(timesteps).reshape(-1, *([1] * (noisy.ndim - 1))).to(noisy)
+        return noisy - sigma * pred.to(noisy.dtype)
+
     # ---------------------------------------------------------------------------------------------- sampling
     def _set_sampling_timesteps(self, scheduler, num_steps: int, latents: Tensor) -> None:
         """Family hook: call scheduler.set_timesteps exactly as the stock pipeline does."""

@@ -91,15 +91,21 @@ class UNetFamily(Family):
             timesteps.to(latents.device), {"alpha": self.alphas_cumprod[timesteps], "alpha_prev": alpha_prev}
         )
 
-    def split_prediction(self, x: Tensor, pred: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
-        """(predicted x0, predicted eps) from a model output, whatever the prediction type."""
+    def predicted_clean(self, noisy: Tensor, pred: Tensor, timesteps: Tensor) -> Tensor:
+        """x̂0 = (x_t - sqrt(1 - a_t) ε̂) / sqrt(a_t) for ε, sqrt(a_t) x_t - sqrt(1 - a_t) v̂ for v, the output itself for
+        sample prediction: affine in the prediction, never clipped."""
+        return self.split_prediction(noisy, pred, self._alpha(timesteps, noisy), clip=False)[0]
+
+    def split_prediction(self, x: Tensor, pred: Tensor, alpha: Tensor, clip: bool = True) -> tuple[Tensor, Tensor]:
+        """(predicted x0, predicted eps) from a model output, whatever the prediction type; x0 clipped as the
+        scheduler's `clip_sample` says unless `clip` is False."""
         if self.prediction_type == "epsilon":
             x0, eps = (x - (1 - alpha).sqrt() * pred) / alpha.sqrt(), pred
         elif self.prediction_type == "v_prediction":
             x0, eps = alpha.sqrt() * x - (1 - alpha).sqrt() * pred, alpha.sqrt() * pred + (1 - alpha).sqrt() * x
         else:
             x0, eps = pred, (x - alpha.sqrt() * pred) / (1 - alpha).sqrt()
-        if self.ddim.config.clip_sample:
+        if clip and self.ddim.config.clip_sample:
             limit = self.ddim.config.clip_sample_range
             x0 = x0.clamp(-limit, limit)
         return x0, eps

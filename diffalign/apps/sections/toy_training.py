@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from diffalign.apps.demo import PROXY, DemoContext, read_curves, toy_config
+from diffalign.apps.demo import PROXY, DemoContext, SectionResult, read_curves, toy_config
 
 
 def train_on_toy(ctx: DemoContext, method: str, out: Path, steps: int, extra: list[str] | None = None) -> Path:
@@ -68,6 +68,42 @@ def reward_method_run(
     if best:
         kept = f" The LoRA with the best held-out gold score (step {best['step']}) is kept in <code>best/</code>."
     return {"run": run, "curves": read, "best": best, "after": after, "kept": kept}
+
+
+def rollout_method_section(
+    ctx: DemoContext, method: str, title: str, optimises: str, how: str, curves: tuple[str, ...]
+) -> SectionResult:
+    """What the online-RL sections (GRPO, NFT) share: train `method` on rollouts of the size the demo gives
+    ({"steps", "rollout": (P, G)}), validating on rollout boundaries 5 times a run, with the proxy and gold curves
+    and the after-measurement of the final LoRA (the best-by-gold one kept too). `how` says in a sentence what an
+    update does with a rollout's rewards; `curves` are the training metrics charted beside the rollout reward."""
+    started = time.perf_counter()
+    steps = ctx.settings.size(method, "steps")
+    prompts, group = ctx.settings.size(method, "rollout")
+    every = max(2, steps // 5 // 2 * 2)  # validate on rollout boundaries (2 optimizer steps a rollout), 5 times a run
+    rollout = [  # the toy configs' 2 optimizer steps per rollout (2 micro-batches of accumulation each)
+        f"{method}.prompts_per_rollout={prompts}",
+        f"{method}.group_size={group}",
+        f"batch_size={max(1, prompts * group // 4)}",
+    ]
+    result = reward_method_run(ctx, method, steps, every, rollout, ("reward", *curves))
+    read, best, after, kept = (result[k] for k in ("curves", "best", "after", "kept"))
+    html = [
+        f"<p>{steps} LoRA steps with <code>configs/{ctx.config_name(method)}</code>: per rollout, {prompts} groups of "
+        f"{group} images sampled from the TRAINING prompts, {how} The gold checker is only watched, on the "
+        f"held-out prompts.{kept} Measured below: the final LoRA.</p>",
+        *reward_training_charts(read, "rollouts"),
+    ]
+    return SectionResult(
+        key=method,
+        title=title,
+        optimises=optimises,
+        after=after,
+        seconds=time.perf_counter() - started,
+        curves=read,
+        facts={"steps": steps, "rollout": [prompts, group], "best": best},
+        html=html,
+    )
 
 
 def reward_training_charts(curves: dict[str, list[tuple[int, float]]], training: str) -> list[str]:

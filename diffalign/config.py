@@ -216,6 +216,9 @@ class TrainConfig:
     """Recompute the denoiser's activations in the backward pass (less memory, ~30 % more time)."""
     allow_tf32: bool = False
     """Allow TF32 matmuls on Ampere+ GPUs (ignored on CPU)."""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    """The denoiser's attention kernels: sdpa (torch's scaled_dot_product_attention, diffusers' default) or
+    xformers (CUDA only; `pip install "diffalign[xformers]"`)."""
     checkpoint_every: int = bounded(500, ge=0)
     """Write a resumable checkpoint every N optimizer steps (0 = never)."""
     checkpoints_keep: int = bounded(2, ge=0)

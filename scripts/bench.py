@@ -6,6 +6,7 @@
     python scripts/bench.py alignprop # AlignProp memory vs sampling steps, time vs the bare work (bench_alignprop.py)
     python scripts/bench.py reno      # ReNO iteration time vs the bare work, peak memory, images/min (bench_reno.py)
     python scripts/bench.py grpo      # GRPO rollout and update vs the bare work (bench_grpo.py, targets <= 1.10)
+    python scripts/bench.py nft       # NFT rollout and update vs the bare work (bench_nft.py, <= 1.05 / 1.10)
     python scripts/bench.py rlg       # RLG sampling time vs plain CFG sampling (scripts/bench_rlg.py, target <= 2.10)
     python scripts/bench.py all       # every bench, in order
 

@@ -8,7 +8,8 @@
 `--run LABEL METHOD [key=value ...]` (repeatable, instead of or after --methods) runs METHOD under the name LABEL
 with its own overrides (after the common ones), so two settings of one method compare paired on the same samples.
 
-1. The base model measured on HELD-OUT prompts: `--eval-samples` samples, gold checker and proxy, seed 10000.
+1. The base model measured on HELD-OUT prompts: `--eval-samples` samples, gold checker and proxy, seed 10000 (with
+   `--measure-on train`: on the TRAINING prompts, seed 20000, for choosing settings without the held-out ones).
 2. For each method and training seed: the demo's section for it (DPO: pairs on the TRAINING prompts ranked by the
    PROXY reward toy-clip, never the gold checker, made once and shared — or reused from an earlier run with
    `--pairs`; training with configs/<method>/toy.yaml plus the overrides), then the same measurement with the same
@@ -42,6 +43,8 @@ from diffalign.models import load_family
 from diffalign.rewards import load_reward
 
 EVAL_SEED = 10_000
+CHOOSING_SEED = 20_000
+"""The sampling seed of `--measure-on train`: settings are chosen on the training prompts with other noise."""
 TIMING = ("steps", "train_seconds", "train_cpu_seconds")
 """What a section reports about its training run: optimizer steps, wall and CPU seconds (this process's CPU time:
 what matters on a shared machine, where the wall time depends on everyone else's load)."""
@@ -141,6 +144,11 @@ def main() -> None:
         help="a method under its own name with its own overrides (repeatable)",
     )
     parser.add_argument("--model", default="toy", choices=("toy", "toy-flow"), help="the bundled toy to align")
+    parser.add_argument(
+        "--measure-on", default="heldout", choices=("heldout", "train"),
+        help="the prompts measured: the held-out ones (acceptance) or the training ones (choosing settings, with "
+        "other sampling seeds)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/toy-align"))
     parser.add_argument("overrides", nargs="*", help="key=value overrides of every method's toy config")
     args = parser.parse_args()
@@ -155,8 +163,10 @@ def main() -> None:
         sizes={m: {**METHODS[m].full, "steps": args.steps} for m in training_methods()},
     )  # fmt: skip
     ctx = DemoContext(
-        family=load_family(args.model), proxy=load_reward(PROXY), heldout=heldout_prompts(), train=train_prompts(),
-        settings=settings, work=args.out, model=args.model, eval_seed=EVAL_SEED, pairs_seed=1,
+        family=load_family(args.model), proxy=load_reward(PROXY), train=train_prompts(),
+        heldout=heldout_prompts() if args.measure_on == "heldout" else train_prompts(),
+        settings=settings, work=args.out, model=args.model, pairs_seed=1,
+        eval_seed=EVAL_SEED if args.measure_on == "heldout" else CHOOSING_SEED,
         train_overrides=list(args.overrides),
     )  # fmt: skip
     if args.pairs is not None:

@@ -1,7 +1,7 @@
 """The AlignProp recipe: where gradients go (LoRA only, only the steps after the cut), checkpointed = plain gradients,
 the official settings of the shipped configs, the random draws on resume, config errors before the model loads, the
-best-weights and early-stop guards, the negative prompt. Every family, stock LoRA loading, kill -9 and DDP:
-tests/test_method_contracts.py."""
+best-weights and early-stop guards, the negative prompt. Every family and stock LoRA loading:
+tests/test_gpu_check.py; kill -9 and DDP: tests/test_method_contracts.py."""
 
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def test_checkpointed_and_plain_gradients_agree(truncation):
 @pytest.mark.parametrize(("name", "kind"), [("sd15", "sd"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux", "flux")])
 def test_shipped_configs_carry_the_official_settings(name, kind):
     """The official HPSv2 K = 1 run (mihirp1998/AlignProp HEAD b22918a, hps_k1.sh) where the family samples like
-    SD 1.5; that each config runs on its family's tiny model: tests/test_method_contracts.py."""
+    SD 1.5; that each config runs on its family's tiny model: tests/test_gpu_check.py."""
     shipped = load_train_config(CONFIGS / f"{name}.yaml")
     assert (shipped.alignprop.reward, shipped.alignprop.k, shipped.data.source) == ("hpsv2:version=2.0", 1, PROMPT_FILE)
     assert shipped.optim.lr == 1e-3 and shipped.validation.best_by == "val/heldout"

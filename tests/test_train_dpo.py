@@ -45,7 +45,7 @@ def base_overrides(kind: str, pairs: Path, out: Path) -> list[str]:
 
 
 def test_the_recipe_logs_each_step_validates_checkpoints_and_starts_at_the_reference(pairs_file, tmp_path):
-    """Every family runs the recipe and its LoRA loads in a stock pipeline: tests/test_method_contracts.py."""
+    """Every family runs the recipe and its LoRA loads in a stock pipeline: tests/test_gpu_check.py."""
     out = tmp_path / "run"
     final = train_dpo(base_overrides("sd", pairs_file, out))
     assert final == out / "lora" and (final / "pytorch_lora_weights.safetensors").is_file()
@@ -62,7 +62,7 @@ def test_the_recipe_logs_each_step_validates_checkpoints_and_starts_at_the_refer
 @pytest.mark.parametrize(("name", "kind"), [("sd15", "sd"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux", "flux")])
 def test_shipped_configs_turn_on_what_real_runs_need(name, kind):
     """What a real config turns on (bf16 autocast, gradient checkpointing, a stream for the hub dataset); that each
-    runs on its family's tiny model: tests/test_method_contracts.py."""
+    runs on its family's tiny model: tests/test_gpu_check.py."""
     cfg = load_train_config(Path(__file__).parents[1] / "configs" / "dpo" / f"{name}.yaml")
     assert cfg.gradient_checkpointing and cfg.mixed_precision == "bf16" and cfg.data.streaming
     assert cfg.dpo.beta == {"sd15": 2000, "sdxl": 5000}.get(name, cfg.dpo.beta)

@@ -1,7 +1,7 @@
 """The GRPO recipe end to end on a tiny model: the first update of every rollout has ratio 1, later ones move; any
 reward works (jpeg is not differentiable); the KL starts at 0; checkpoints must fall on rollout boundaries; DDPO's
 running per-prompt statistics resume bit for bit. (Every config's smoke run, the kill -9 resume and 2-rank DDP are
-the contract tests, tests/test_method_contracts.py.)"""
+tests/test_gpu_check.py and the contract tests, tests/test_method_contracts.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The DDIM-InPO recipe: InPO is DPO on a forward-noised latent, the policy inverts (unless configured) along the
 grid, each step asking the model at its start timestep (or at its destination, as the official code), in the calls
-the grid needs, a full fine-tune. Every family, stock LoRA loading, kill -9 and DDP: tests/test_method_contracts.py."""
+the grid needs, a full fine-tune. Every family and stock LoRA loading: tests/test_gpu_check.py; kill -9 and DDP:
+tests/test_method_contracts.py."""
 
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def adapters_on(family: Family) -> bool:
 
 @pytest.mark.parametrize("kind", ["sd", "sd3"])
 def test_the_policy_inverts_and_training_starts_at_the_reference(kind, pairs_file, tmp_path, monkeypatch):
-    """A UNet and a flow family (every family runs and its LoRA loads in a stock pipeline: test_method_contracts)."""
+    """A UNet and a flow family (every family runs and its LoRA loads in a stock pipeline: test_gpu_check)."""
     calls = []
     walk = Family.walk
 

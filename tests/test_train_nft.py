@@ -1,7 +1,8 @@
 """The DiffusionNFT recipe end to end on a tiny model: the first update of a rollout starts at the old policy when it
 follows the trained one fully, and away from it when it lags; any reward works (jpeg is not differentiable); the KL
 starts at 0; the lagging old policy resumes bit for bit after kill -9; checkpoints must fall on rollout boundaries.
-(Every config's smoke run, the kill -9 resume and 2-rank DDP are the contract tests, tests/test_method_contracts.py.)"""
+(Every config's smoke run: tests/test_gpu_check.py; the kill -9 resume and 2-rank DDP: the contract tests,
+tests/test_method_contracts.py.)"""
 
 from __future__ import annotations
 

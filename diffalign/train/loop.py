@@ -11,6 +11,7 @@ bit-exact resume, and the final save with its model card (and the upload, with `
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -128,6 +129,7 @@ def fit(
                     return True
         return False
 
+    started, first_step = time.perf_counter(), state.step
     try:
         stopped_early = run_steps()
     except KeyboardInterrupt:
@@ -138,9 +140,10 @@ def fit(
         accelerator.print(
             f"early stop at step {state.step}: {cfg.validation.best_by} fell {state.best.falls} validations in a row"
         )
-    extra = {}
+    # this process's optimizer steps and their wall time (validation and checkpoints included; not the model load)
+    extra: dict[str, Any] = {"steps_run": state.step - first_step, "seconds": round(time.perf_counter() - started, 3)}
     if cfg.validation.best_by:
-        extra = {"best": validation.best_record(state.best), "stopped_early": stopped_early}
+        extra |= {"best": validation.best_record(state.best), "stopped_early": stopped_early}
     final = outputs.save_final(
         family, cfg, accelerator, state, optimizer, unit=batches.unit, extra=extra, metrics=final_metrics
     )

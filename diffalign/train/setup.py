@@ -43,6 +43,8 @@ def make_accelerator(cfg: TrainConfig, *, find_unused_parameters: bool = False, 
             f"model.dtype {cfg.model.dtype} with mixed_precision {cfg.mixed_precision} mixes two half-precision types "
             f"(CPU kernels refuse it): use model.dtype {half[cfg.mixed_precision]} (as diffusers' scripts) or float32"
         )
+    if cfg.attention == "xformers":
+        check_xformers(accelerator.device)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(cfg.seed)
@@ -63,9 +65,19 @@ def load_model(cfg: TrainConfig, accelerator) -> tuple[Family, list[torch.nn.Par
         vae=cfg.model.vae,
     )
     params = add_trainable(family, cfg.lora, cfg.seed)
+    if cfg.attention == "xformers":
+        family.denoiser.enable_xformers_memory_efficient_attention()
     if cfg.gradient_checkpointing:
         family.denoiser.enable_gradient_checkpointing()
     return family, params
+
+
+def check_xformers(device: torch.device) -> None:
+    """A UserError unless xformers can run here: a CUDA device and the package importable."""
+    if device.type != "cuda":
+        raise UserError(f"attention: xformers needs a CUDA GPU (this process runs on {device.type}); use sdpa")
+    if importlib.util.find_spec("xformers") is None:
+        raise UserError('attention: xformers is not installed (pip install "diffalign[xformers]"); or use sdpa')
 
 
 def add_trainable(family: Family, lora: LoraConfig, seed: int) -> list[torch.nn.Parameter]:

@@ -11,7 +11,10 @@ POINTER = re.compile(r"\b(?:docs|scripts|configs|tests|diffalign|assets)/[^\s`'\
 TEMPLATE = set("<*{")  # a pattern such as configs/<method>/*.yaml names no one file
 DOC_NAME = re.compile(r"\b[A-Z][A-Z_]+\.md\b")
 # Paths of another project's repository that the docs name as such.
-PEER_PATHS = {"assets/hps_v2_all.txt"}  # mihirp1998/AlignProp's prompt list, fetched by the curl line of the configs
+PEER_PATHS = {
+    "assets/hps_v2_all.txt",  # mihirp1998/AlignProp's prompt list, fetched by the curl line of the configs
+    "scripts/train_nft_sd3.py",  # NVlabs/DiffusionNFT's training script, cited for its defaults
+}
 
 
 def documents() -> list[Path]:

@@ -46,6 +46,6 @@ def alignprop_section(ctx: DemoContext) -> SectionResult:
         after=after,
         seconds=time.perf_counter() - started,
         curves=curves,
-        facts={"steps": steps, "best": best},
+        facts={"steps": steps, "best": best, **result["timing"]},
         html=html,
     )

@@ -54,11 +54,17 @@ def reward_method_run(
 ) -> dict:
     """What AlignProp and GRPO sections share: train `method` validating and logging `every` steps (plus `extra`
     overrides), read its curves (with the training metrics `curves`) and its best record, measure its final LoRA.
-    Returns run (its folder), curves, best, after and kept (the sentence saying where the best LoRA is kept, or "")."""
+    Returns run (its folder), curves, best, after, kept (the sentence saying where the best LoRA is kept, or "") and
+    timing (train_seconds, train_cpu_seconds: the acceptance script compares methods at equal time with them)."""
     from diffalign.methods import METHODS
 
     run = ctx.work / method / f"seed{ctx.seed}"
+    training, cpu = time.perf_counter(), time.process_time()
     lora = train_on_toy(ctx, method, run, steps, extra=[f"validation.every={every}", f"log_every={every}", *extra])
+    timing = {
+        "train_seconds": round(time.perf_counter() - training, 1),
+        "train_cpu_seconds": round(time.process_time() - cpu, 1),  # robust to other processes on a shared machine
+    }
     read = read_curves(run / "metrics.jsonl", extra=curves)
     best = json.loads((run / "summary.json").read_text()).get("best") or {}
     name = METHODS[method].title
@@ -67,7 +73,7 @@ def reward_method_run(
     kept = ""
     if best:
         kept = f" The LoRA with the best held-out gold score (step {best['step']}) is kept in <code>best/</code>."
-    return {"run": run, "curves": read, "best": best, "after": after, "kept": kept}
+    return {"run": run, "curves": read, "best": best, "after": after, "kept": kept, "timing": timing}
 
 
 def rollout_method_section(
@@ -101,7 +107,7 @@ def rollout_method_section(
         after=after,
         seconds=time.perf_counter() - started,
         curves=read,
-        facts={"steps": steps, "rollout": [prompts, group], "best": best},
+        facts={"steps": steps, "rollout": [prompts, group], "best": best, **result["timing"]},
         html=html,
     )
 

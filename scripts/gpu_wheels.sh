@@ -2,7 +2,8 @@
 # Fetch into .whl/ (git-ignored) the wheels the GPU machine lacks or holds in another version than diffalign needs
 # (it has torch 2.11 + CUDA 13, accelerate, transformers and peft, no diffusers, open_clip or datasets, and no package
 # index): this venv's versions of diffalign's dependencies (and DeepSpeed, for the ZeRO-2 item), for that machine's
-# Python 3.12 on x86-64, without their own dependencies (the rest is there). Then: device run `bash scripts/gpu_check.sh --out $OUT`, carry [.whl].
+# Python 3.12 on x86-64, without their own dependencies (the rest is there).
+# Then: device run `bash scripts/gpu_check.sh --out $OUT`, carry [.whl].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

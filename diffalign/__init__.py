@@ -15,8 +15,9 @@ lazy imports inside functions included):
   3  data, infer                   data: preference pairs, prompt lists, latent/embedding cache; infer: sampling and
                                    the inference-time methods
   4  train                         the one training loop and one short recipe per training method
-  5  apps                          the user commands composing everything: score, generate, pairs, demo (with its
-                                   method sections), the toy evaluation and the HTML report
+  5  apps, smoke                   apps: the user commands composing everything: score, generate, pairs, demo (with
+                                   its method sections), the toy evaluation and the HTML report; smoke: tiny runs
+                                   of the shipped configs (the contract tests and the GPU check)
   6  cli, __main__                 the command line
 """
 
@@ -37,6 +38,7 @@ LAYERS: dict[str, int] = {
     "infer": 3,
     "train": 4,
     "apps": 5,
+    "smoke": 5,
     "cli": 6,
     "__main__": 6,
 }

@@ -5,8 +5,8 @@ first on the GPU machine; `--cpu` runs the same matrix here, in the test suite).
 
 Items (each one on its own: a failure is recorded with its error line and the next item runs):
   train/<method>/<config>   every shipped config of every training method (`diffalign.smoke`: a toy's config on the
-                            toy, a real model's on the tiny model of its family) for 3 optimizer steps with gradient
-                            checkpointing, under bf16 autocast on a GPU (on CPU as the contract tests run them:
+                            toy, a real model's on the tiny model of its family) for 3 optimizer steps (1 on CPU) with
+                            gradient checkpointing, under bf16 autocast on a GPU (on CPU as the contract tests run them:
                             float32, SD 1.5's config in bf16); then its LoRA loads whole into a stock pipeline
   <inference method>/<toy>  ReNO: 3 iterations on each toy; RLG: 2 images mixing the base with train/dpo/toy's LoRA
   generate/toy, score/toy   the CLI end to end (on a GPU also in float16, the VAE upcast path)
@@ -38,7 +38,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-TRAIN_STEPS = 3
+TRAIN_STEPS = {"cuda": 3, "cpu": 1}
+"""Optimizer steps of a train item: a few on the GPU, one on the CPU (the suite's time)."""
 INFERENCE_ITEMS = {"reno": ("toy", "toy-flow"), "rlg": ("toy",)}
 """The toys each inference method's items run on (a method missing here is an item that fails, loudly)."""
 
@@ -70,6 +71,11 @@ class Check:
     data: dict
     loras: dict = field(default_factory=dict)
     """train item name -> its LoRA folder (RLG uses the DPO toy LoRA)."""
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of a train item here."""
+        return TRAIN_STEPS["cuda" if self.cuda else "cpu"]
 
 
 def one_line(error: BaseException) -> str:
@@ -139,7 +145,7 @@ def train_work(check: Check, method: str, name: str, *extra: str) -> Callable[[]
         else:  # as the contract tests: bf16 autocast is 6x slower on CPU, so only SD 1.5's config keeps it
             precision = [] if name == "sd15" else ["mixed_precision=no", "model.dtype=float32"]
         overrides = smoke_overrides(
-            config, model, out, check.data, f"max_steps={TRAIN_STEPS}", "checkpoint_every=0",
+            config, model, out, check.data, f"max_steps={check.steps}", "checkpoint_every=0",
             "gradient_checkpointing=true", "validation.enabled=false", *precision, *extra,
         )  # fmt: skip
         resolved = load_train_config(config, overrides)
@@ -240,7 +246,7 @@ def xformers_work(check: Check) -> Callable[[], dict]:
 
 
 def launched_work(check: Check, name: str, accelerate_config: str, module: str | None) -> Callable[[], dict]:
-    """A full fine-tune of the toy (DPO, 3 steps) through `accelerate launch` with a shipped accelerate config."""
+    """A full fine-tune of the toy (DPO, a few steps) through `accelerate launch` with a shipped accelerate config."""
 
     def work() -> dict:
         import importlib.util
@@ -255,7 +261,7 @@ def launched_work(check: Check, name: str, accelerate_config: str, module: str |
         config = CONFIGS_DIR / "dpo" / "toy.yaml"
         out = check.work / name
         overrides = smoke_overrides(
-            config, "toy", out, check.data, f"max_steps={TRAIN_STEPS}", "checkpoint_every=0", "lora.enabled=false",
+            config, "toy", out, check.data, f"max_steps={check.steps}", "checkpoint_every=0", "lora.enabled=false",
             "validation.enabled=false", "mixed_precision=bf16", "optim.optimizer=adamw",
         )  # fmt: skip
         command = [

@@ -13,7 +13,7 @@ from diffalign.apps import demo
 from diffalign.apps.sections import dpo as dpo_section
 from diffalign.apps.sections import toy_training
 from diffalign.gym.world import heldout_prompts, train_prompts
-from diffalign.methods import METHODS
+from diffalign.methods import METHODS, demo_methods
 from diffalign.processes import reset_accelerate_state
 
 SMALL = demo.DemoSettings(
@@ -244,15 +244,17 @@ def test_demo_rollout_sections_log_rollout_rewards_beside_the_proxy_and_gold_cur
 
 
 def test_every_section_runs_on_the_flow_toy_with_its_own_configs(tmp_path):
-    """`diffalign demo --model toy-flow`: the SD3-class toy through every section (its pairs, its
-    configs/<method>/toy-flow.yaml, ReNO at its few steps, RLG on its DPO LoRA), one report."""
+    """`diffalign demo --model toy-flow`: the SD3-class toy through every default section (its pairs, its
+    configs/<method>/toy-flow.yaml, ReNO at its few steps, RLG on its DPO LoRA), one report. (The opt-in sections
+    are the same code on either toy: they run on the UNet toy above, and their toy-flow configs in the GPU check's
+    matrix, tests/test_gpu_check.py.)"""
     reset_accelerate_state()
     try:
-        metrics = demo.run_demo(tmp_path / "flow", settings=SMALL, model="toy-flow", methods=list(METHODS))
+        metrics = demo.run_demo(tmp_path / "flow", settings=SMALL, model="toy-flow", methods=demo_methods())
     finally:
         reset_accelerate_state()
 
-    assert metrics["model"] == "toy-flow" and list(metrics["methods"]) == list(METHODS)
+    assert metrics["model"] == "toy-flow" and list(metrics["methods"]) == demo_methods()
     assert all(m["after"]["n"] > 0 for m in metrics["methods"].values())
     html = (tmp_path / "flow" / "report.html").read_text()
     assert "toy-flow (StableDiffusion3Pipeline)" in html and "configs/dpo/toy-flow.yaml" in html

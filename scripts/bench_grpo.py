@@ -19,26 +19,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kit import alternate  # noqa: E402
+from bench_kit import alternate, rollout_bench_setup  # noqa: E402
 
 IMAGES, CHUNK, STEPS, ROUNDS = 64, 16, 10, 3
 
 
 def main() -> None:
     import torch
-    from bench_rlg import lora_family
 
-    from diffalign.gym.world import train_prompts
     from diffalign.models import cond_select
     from diffalign.train.grpo import Config, GrpoConfig, GrpoRecipe, Rollout
 
-    family = lora_family()
-    for name, p in family.denoiser.named_parameters():
-        p.requires_grad_("lora_" in name)
-    prompts = [train_prompts()[i % 8] for i in range(IMAGES)]
-    cond, uncond = family.encode_prompts(prompts), family.encode_negative()
-    guidance = family.sampling_defaults["guidance_scale"]
-    chunks = torch.arange(IMAGES).split(CHUNK)
+    family, prompts, cond, uncond, guidance, chunks = rollout_bench_setup(IMAGES, CHUNK)
 
     def noise(index: int) -> tuple[torch.Tensor, torch.Generator]:
         generator = torch.Generator().manual_seed(index)

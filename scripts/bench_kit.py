@@ -80,3 +80,21 @@ def alternate(runs: dict, rounds: int) -> dict[str, list[float]]:
         for name in list(runs) if round_ % 2 == 0 else list(reversed(runs)):
             times[name].append(runs[name]())
     return times
+
+
+def rollout_bench_setup(images: int, chunk: int):
+    """What the online-RL benches (grpo, nft) start from: the toy with a rank-8 LoRA (random non-zero B) whose LoRA
+    weights alone train, `images` training prompts (8 distinct) encoded once with the negative prompt, the toy's CFG
+    scale, and the image indices in chunks of `chunk`. Returns (family, prompts, cond, uncond, guidance, chunks)."""
+    import torch
+    from bench_rlg import lora_family
+
+    from diffalign.gym.world import train_prompts
+
+    family = lora_family()
+    for name, p in family.denoiser.named_parameters():
+        p.requires_grad_("lora_" in name)
+    prompts = [train_prompts()[i % 8] for i in range(images)]
+    cond, uncond = family.encode_prompts(prompts), family.encode_negative()
+    guidance = family.sampling_defaults["guidance_scale"]
+    return family, prompts, cond, uncond, guidance, torch.arange(images).split(chunk)

@@ -20,34 +20,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kit import alternate  # noqa: E402
+from bench_kit import alternate, rollout_bench_setup  # noqa: E402
 
 IMAGES, CHUNK, STEPS, ROUNDS = 64, 16, 10, 3
 
 
 def main() -> None:
     import torch
-    from bench_rlg import lora_family
 
-    from diffalign.gym.world import train_prompts
     from diffalign.models import cond_select
     from diffalign.train.nft import Config, NftConfig, NftRecipe, OldPolicy, Rollout, trained_slots
 
-    family = lora_family()
-    for name, p in family.denoiser.named_parameters():
-        p.requires_grad_("lora_" in name)
-    params = [p for p in family.denoiser.parameters() if p.requires_grad]
-    prompts = [train_prompts()[i % 8] for i in range(IMAGES)]
-    cond, uncond = family.encode_prompts(prompts), family.encode_negative()
-    guidance = family.sampling_defaults["guidance_scale"]
-    chunks = torch.arange(IMAGES).split(CHUNK)
+    family, prompts, cond, uncond, guidance, chunks = rollout_bench_setup(IMAGES, CHUNK)
     settings = NftConfig()
     slots = trained_slots(STEPS, settings)
     shape = family.initial_noise(1, 32)
     recipe = NftRecipe(
         cfg=Config(nft=settings), accelerator=None, family=family, reward=None, uncond=uncond,
         schedule=family.schedule(STEPS, shape), trained=slots, guidance_scale=guidance, resolution=32, prompts=[],
-        old=OldPolicy(params),
+        old=OldPolicy([p for p in family.denoiser.parameters() if p.requires_grad]),
     )  # fmt: skip
 
     def sample(chunk: torch.Tensor, index: int) -> torch.Tensor:

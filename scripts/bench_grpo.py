@@ -7,8 +7,11 @@ The toy model with a rank-8 LoRA (random non-zero B), configs/grpo/toy.yaml's sa
   update   `GrpoRecipe.loss` + backward of one micro-batch (16 images) at each trained step, with the KL term on,
            against the bare work: the same CFG forward, a plain loss on the prediction, its backward, and the
            reference forward (LoRA off, no grad). Target <= 1.10.
-ROUNDS interleaved rounds; per variant the fastest counts (noise only adds). Peak memory against the group size is
-not measured here (the buffer is latents only: 64 images x 11 latents of 4x8x8 floats on the toy).
+  memory   peak RSS of one whole `diffalign train` rollout + its updates (configs/grpo/toy.yaml's sampler, 2 prompts
+           x G images, micro-batches of 16) in a fresh process per G in GROUPS, against the smallest G: flat in G
+           at a fixed micro-batch (sampling is chunked; the rollout buffer keeps latents, log-probs and advantages
+           only: 11 latents of 8x8x8 floats, 22 KiB, per image on the toy).
+ROUNDS interleaved rounds; per variant the fastest counts (noise only adds).
 """
 
 from __future__ import annotations
@@ -19,9 +22,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kit import alternate, rollout_bench_setup  # noqa: E402
+from bench_kit import alternate, bench_model, memory_mb, rollout_bench_setup, run_variant, train_seconds  # noqa: E402
 
 IMAGES, CHUNK, STEPS, ROUNDS = 64, 16, 10, 3
+GROUPS = (16, 64, 128)
+"""Group sizes of the memory figure (2 prompts each: rollouts of 32 to 256 images)."""
+
+
+def rollout_peak(group: int, folder: str) -> dict:
+    """Peak RSS (MB) of a fresh process that trains one whole GRPO rollout of 2 prompts x `group` images."""
+    overrides = [
+        "method=grpo", f"model.name={bench_model()}", "grpo.reward=toy-clip", "grpo.prompts_per_rollout=2",
+        f"grpo.group_size={group}", f"grpo.num_steps={STEPS}", "grpo.timestep_fraction=0.5", f"batch_size={CHUNK}",
+        "gradient_accumulation_steps=1", f"max_steps={2 * group // CHUNK}", "checkpoint_every=0",
+        "data.source=toy:train", "validation.every=0", "report_to=none", "log_every=1000", f"output_dir={folder}",
+    ]  # fmt: skip
+    seconds = train_seconds(overrides)
+    return {"peak_mb": memory_mb("VmHWM"), "seconds": seconds}
+
+
+def memory_figures() -> dict[int, dict]:
+    """{G: the figures of `rollout_peak`}, each in a fresh process."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        return {g: run_variant(__file__, "--memory", str(g), f"{folder}/g{g}") for g in GROUPS}
 
 
 def main() -> None:
@@ -57,7 +82,7 @@ def main() -> None:
     )  # fmt: skip
     buffer = Rollout(
         prompts[:CHUNK], cond_select(cond, chunks[0]), trajectory.latents, trajectory.log_probs,
-        torch.randn(CHUNK), {},
+        torch.randn(CHUNK), None, {},
     )  # fmt: skip
     settings = GrpoConfig(kl_weight=0.04, clip_range=0.2)
     config = Config(grpo=settings)
@@ -103,7 +128,19 @@ def main() -> None:
           "(target <= 1.10)")  # fmt: skip
     print(f"  update / bare forward+backward + reference forward: {best['update'] / best['bare update']:.3f}   "
           "(target <= 1.10)")  # fmt: skip
+    figures = memory_figures()
+    smallest = figures[GROUPS[0]]["peak_mb"]
+    for group, figure in figures.items():
+        print(
+            f"  memory G={group:3d} (2 prompts, micro-batch {CHUNK}): peak RSS {figure['peak_mb']:.0f} MB, "
+            f"{figure['peak_mb'] / smallest:.3f} of G={GROUPS[0]}'s   (target: flat, <= 1.10)"
+        )
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--memory"]:
+        import json
+
+        print(json.dumps(rollout_peak(int(sys.argv[2]), sys.argv[3])))
+    else:
+        main()

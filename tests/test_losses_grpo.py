@@ -12,6 +12,7 @@ from diffalign.losses.grpo import (
     group_advantages,
     kl_to_reference,
     ppo_loss,
+    ratio_norm,
     weighted_advantages,
     zero_spread_fraction,
 )
@@ -83,3 +84,35 @@ def test_kl_to_reference_is_the_mean_squared_difference_over_twice_the_variance(
     assert kl_to_reference(mean, torch.zeros_like(mean), 0.5).item() == pytest.approx(0.09 / 0.5)
     std = torch.tensor(0.5)
     assert kl_to_reference(mean, mean, std).item() == 0.0
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_ratio_norm_centres_the_log_ratio_and_removes_its_dependence_on_the_step_std(reduce):
+    """x_next = μ_old + σε: log r = ε·Δ/σ - ||Δ||²/(2σ²); RatioNorm's (log r + b)·σ is ε·Δ exactly, whatever σ."""
+    from diffalign.models import gaussian_log_prob
+
+    generator = torch.Generator().manual_seed(0)
+    old_mean = torch.randn(3, 2, 4, 4, generator=generator)
+    delta = 0.05 * torch.randn(old_mean.shape, generator=generator)
+    eps = torch.randn(old_mean.shape, generator=generator)
+    for std in (0.02, 0.5):
+        x_next = old_mean + std * eps
+        log_ratio = gaussian_log_prob(x_next, old_mean + delta, std, reduce) - gaussian_log_prob(
+            x_next, old_mean, std, reduce
+        )
+        shift, scale = ratio_norm(old_mean + delta, old_mean, torch.tensor(std), reduce)
+        squared = delta.pow(2).mean(dim=(1, 2, 3)) if reduce == "mean" else delta.pow(2).sum(dim=(1, 2, 3))
+        torch.testing.assert_close(shift, squared / (2 * std**2))
+        dot = (eps * delta).mean(dim=(1, 2, 3)) if reduce == "mean" else (eps * delta).sum(dim=(1, 2, 3))
+        torch.testing.assert_close((log_ratio + shift) * scale, dot, rtol=1e-3, atol=1e-6)
+
+
+def test_ppo_loss_with_a_shift_and_scale_clips_the_normalised_ratio():
+    old = torch.zeros(2)
+    log_prob = torch.tensor([-0.5, -0.5])  # raw ratio e^-0.5 ~ 0.61: clipped at 0.8 for A < 0
+    loss, stats = ppo_loss(log_prob, old, torch.tensor([1.0, -1.0]), 0.2, 5.0, shift=torch.tensor([0.5, 0.6]), scale=2)
+    # normalised ratios exp(0 * 2) = 1 and exp(0.1 * 2) = e^0.2 ~ 1.221 (A = -1: max(1.221, 1.2) = 1.221)
+    assert loss.item() == pytest.approx((-1.0 + math.exp(0.2)) / 2)
+    assert stats["ratio"].item() == pytest.approx((1 + math.exp(0.2)) / 2)
+    assert stats["clip_fraction"].item() == 0.5
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * 0.25)  # of the raw log-ratio

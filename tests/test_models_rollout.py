@@ -116,13 +116,15 @@ def test_rollout_log_probs_recompute_exactly_from_the_recorded_latents(kind):
         generator=generator,
     )  # fmt: skip
     assert trajectory.latents.shape == (2, 5, *latents.shape[1:]) and trajectory.stochastic.all()
+    assert trajectory.means.shape == (2, 4, *latents.shape[1:])
     schedule = family.schedule(4, latents)
     with torch.no_grad():
         for i, t in enumerate(schedule.timesteps):
             x, x_next = trajectory.latents[:, i], trajectory.latents[:, i + 1]
             pred = family.predict(x, t, cond, uncond, 3.0, detach_uncond=True)
-            log_prob, _, _ = family.transition_log_prob(x, x_next, pred, schedule, i, family.default_noise_level)
+            log_prob, mean, _ = family.transition_log_prob(x, x_next, pred, schedule, i, family.default_noise_level)
             assert torch.equal(log_prob, trajectory.log_probs[:, i])
+            assert torch.equal(mean, trajectory.means[:, i])  # what GRPO-Guard compares the current means with
 
 
 @pytest.mark.parametrize("kind", ["sd", "sd3"])
@@ -133,6 +135,7 @@ def test_rollout_outside_its_window_is_the_deterministic_sampler(kind):
     plain = family.sample(cond, latents=latents, num_steps=4)
     none = family.rollout(cond, latents=latents, num_steps=4, noise_level=0.7, window=range(0))
     assert torch.equal(none.latents[:, -1], plain) and not none.stochastic.any() and none.log_probs.eq(0).all()
+    assert torch.equal(none.means, none.latents[:, 1:])  # a deterministic step's mean is where it lands
     window = family.rollout(
         cond, latents=latents, num_steps=4, noise_level=0.7, window=range(1, 3), generator=torch.Generator()
     )
@@ -157,3 +160,22 @@ def test_predicted_clean_of_the_true_target_is_the_clean_latent_and_is_affine(ki
     combined = family.predicted_clean(noisy, 1.5 * a - 0.5 * b, timesteps)
     mixed = 1.5 * family.predicted_clean(noisy, a, timesteps) - 0.5 * family.predicted_clean(noisy, b, timesteps)
     torch.testing.assert_close(combined, mixed, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_flow_time_steps_are_positive_and_add_up_to_the_sampled_span_of_flow_time(kind):
+    """GRPO-Guard's step weights: each step's size in flow time s (1 noise, 0 data); a UNet's s is that of its DDIM
+    state in flow variables, sqrt(1 - a) / (sqrt(a) + sqrt(1 - a))."""
+    family = build_family(kind)
+    _, _, schedule = inputs(family, steps=5)
+    sizes = torch.stack([family.flow_time_step(schedule, i) for i in range(len(schedule))])
+    assert (sizes > 0).all()
+    if "sigmas" in schedule.coeffs:
+        first, last = schedule.coeffs["sigmas"][0], schedule.coeffs["sigmas"][-1]
+    else:
+
+        def flow_time(alpha):
+            return (1 - alpha).sqrt() / (alpha.sqrt() + (1 - alpha).sqrt())
+
+        first, last = flow_time(schedule.coeffs["alpha"][0]), flow_time(schedule.coeffs["alpha_prev"][-1])
+    torch.testing.assert_close(sizes.sum(), (first - last).float())

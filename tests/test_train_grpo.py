@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from clitools import assert_resume_after_kill_9_is_bit_exact, train_in_process
 
 from diffalign.errors import UserError
@@ -48,6 +49,34 @@ def test_first_update_of_each_rollout_has_ratio_one_and_a_non_differentiable_rew
         assert 0 <= row["zero_spread_groups"] <= 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "grpo" and summary["optimizer_steps"] == 4
+
+
+def test_grpo_guard_starts_at_ratio_one_and_moves_the_normalised_ratio_less(tmp_path):
+    """GRPO-Guard's ratio is exp((log r + b)·σ): exactly 1 at a rollout's first update, and after one optimizer step
+    much closer to 1 than the raw ratio of the same run (σ scales the log-ratio down)."""
+    out = tmp_path / "run"
+    train_in_process(tiny(out, "grpo.reward=jpeg", "grpo.guard=true", "max_steps=2"), TOY)
+    first, second = logged(out)
+    assert abs(first["ratio"] - 1) < 1e-6 and first["clip_fraction"] == 0
+    raw_deviation = (2 * second["approx_kl"]) ** 0.5  # |log r| of the raw ratio (RMS over the micro-batch)
+    assert 0 < abs(second["ratio"] - 1) < raw_deviation
+
+
+def test_images_of_a_group_share_their_initial_noise_with_same_noise(tmp_path, monkeypatch):
+    from diffalign.train import grpo
+
+    rollouts, original = [], grpo.GrpoRecipe.sample
+
+    def recorded(self, prompts, index):
+        rollouts.append(original(self, prompts, index))
+        return rollouts[-1]
+
+    monkeypatch.setattr(grpo.GrpoRecipe, "sample", recorded)
+    train_in_process(tiny(tmp_path / "run", "grpo.reward=jpeg", "grpo.same_noise=true", "max_steps=2"), TOY)
+    start, end = rollouts[0].latents[:, 0], rollouts[0].latents[:, -1]
+    assert torch.equal(start[0], start[1]) and torch.equal(start[2], start[3])  # groups of 2: images 0-1, 2-3
+    assert not torch.equal(start[0], start[2])
+    assert not torch.equal(end[0], end[1])  # the sampler's own noise differs within a group
 
 
 def test_kl_to_the_reference_starts_at_zero_and_per_reward_advantages_log_every_reward(tmp_path):

@@ -9,7 +9,8 @@ gets the same A. An update recomputes log p_θ of the recorded step and minimise
     max(-A · r, -A · clip(r, 1 - ε, 1 + ε)),   r = exp(log p_θ - log p_old)
 
 plus β · KL(p_θ || p_ref): both Gaussians share the step's std σ, so the KL is ||μ_θ - μ_ref||² / (2σ²) (per
-dimension, averaged), with p_ref the same denoiser with the LoRA disabled.
+dimension, averaged), with p_ref the same denoiser with the LoRA disabled. GRPO-Guard (an option) normalises the
+ratio per step (`ratio_norm`) and weights each step's loss by 1 / (its size in flow time).
 """
 
 from __future__ import annotations
@@ -85,14 +86,22 @@ class PromptStats:
 
 
 def ppo_loss(
-    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, adv_clip: float
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    clip_range: float,
+    adv_clip: float,
+    *,
+    shift: Tensor | float = 0.0,
+    scale: Tensor | float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The PPO-clipped policy loss of one step's log-probs [B] and its statistics: the ratio's mean, the fraction
-    clipped, and the approximate KL ½ E[(log p_θ - log p_old)²] (DDPO's and Flow-GRPO's `approx_kl`). Advantages are
-    clipped to ±adv_clip first (both peers: `adv_clip_max` 5)."""
+    clipped, and the approximate KL ½ E[(log p_θ - log p_old)²] (DDPO's and Flow-GRPO's `approx_kl`, of the raw
+    log-ratio). Advantages are clipped to ±adv_clip first (both peers: `adv_clip_max` 5). The ratio is
+    exp((log p_θ - log p_old + shift) · scale): shift 0, scale 1 is PPO's; `ratio_norm` gives GRPO-Guard's."""
     advantages = advantages.clamp(-adv_clip, adv_clip)
     log_ratio = log_prob - old_log_prob
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp((log_ratio + shift) * scale)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(unclipped, clipped).mean()
@@ -102,6 +111,23 @@ def ppo_loss(
         "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
     }
     return loss, stats
+
+
+def ratio_norm(mean: Tensor, old_mean: Tensor, std: Tensor | float, reduce: str = "mean") -> tuple[Tensor, Tensor]:
+    """GRPO-Guard's RatioNorm (Wang et al. 2025, arXiv 2510.22319; as verl-project/verl-omni a1139ba
+    `GRPOGuardLoss`): the (shift, scale) of `ppo_loss` that centre a step's log-ratio and give it the same spread at
+    every step.
+
+    Both Gaussians share the step's std σ; with x_next = μ_old + σε and Δ = μ_θ - μ_old, the log-ratio is
+    ε·Δ/σ - ||Δ||²/(2σ²) (each term reduced over the dimensions as the log-probs are, mean or sum): its mean is
+    shifted left by b = ||Δ||²/(2σ²), so positive-advantage samples rarely reach the upper clip, and its spread
+    scales as 1/σ, so one clip range means something else at each step. (log r + b) · σ = ε·Δ is centred at 0 with
+    a spread that no longer depends on σ. Returns (b [B], σ)."""
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device).reshape(-1)
+    squared = (mean.float() - old_mean.float()) ** 2
+    dims = tuple(range(1, mean.ndim))
+    squared = squared.mean(dim=dims) if reduce == "mean" else squared.sum(dim=dims)
+    return squared / (2 * std**2), std
 
 
 def kl_to_reference(mean: Tensor, reference_mean: Tensor, std: Tensor | float) -> Tensor:

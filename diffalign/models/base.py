@@ -98,6 +98,9 @@ class Trajectory:
     """[N] the timesteps of the steps (0..1000 scale)."""
     stochastic: Tensor
     """[N] bool: which steps were drawn from the transition Gaussian (the ones RL can train on)."""
+    means: Tensor
+    """[B, N, C, h, w] float32: the mean each step's x_{i+1} was drawn around (x_{i+1} itself for a deterministic
+    step): the rollout policy's means, which GRPO-Guard's ratio normalisation compares the current policy's with."""
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "mean") -> Tensor:
@@ -359,6 +362,11 @@ class Family:
         deterministic sampler step (`step` with eta 0)."""
         raise NotImplementedError
 
+    def flow_time_step(self, schedule: Schedule, i: int) -> Tensor:  # family-specific
+        """The size of sampler step i in flow-matching time (s from 1, noise, to 0, data): what GRPO-Guard weights
+        a step's loss by (1/ds). A flow family's s is its sigma; a UNet's is that of the same ODE in flow variables."""
+        raise NotImplementedError
+
     def transition_log_prob(
         self,
         x: Tensor,
@@ -396,18 +404,21 @@ class Family:
         schedule = self.schedule(num_steps, latents)
         window = range(len(schedule)) if window is None else window
         stochastic = torch.tensor([i in window and noise_level > 0 for i in range(len(schedule))])
-        xs, log_probs = [latents], torch.zeros(latents.shape[0], len(schedule), device=latents.device)
+        xs, means, log_probs = [latents], [], torch.zeros(latents.shape[0], len(schedule), device=latents.device)
         for i, t in enumerate(schedule.timesteps):
             x = xs[-1]
             pred = self.predict(x, t, cond, uncond, guidance_scale)
             if stochastic[i]:
                 mean, std = self.transition(x, pred, schedule, i, noise_level, sde)
-                x_next = mean.float() + std * torch.randn(x.shape, generator=generator).to(x.device)
-                log_probs[:, i] = gaussian_log_prob(x_next, mean.float(), std, reduce)
+                mean = mean.float()
+                x_next = mean + std * torch.randn(x.shape, generator=generator).to(x.device)
+                log_probs[:, i] = gaussian_log_prob(x_next, mean, std, reduce)
             else:
-                x_next = self.step(x, pred, schedule, i).float()
+                x_next = mean = self.step(x, pred, schedule, i).float()
             xs.append(x_next)
-        return Trajectory(torch.stack(xs, dim=1), log_probs, schedule.timesteps, stochastic)
+            means.append(mean)
+        latents, means = torch.stack(xs, dim=1), torch.stack(means, dim=1)
+        return Trajectory(latents, log_probs, schedule.timesteps, stochastic, means)
 
     def initial_noise(
         self, batch_size: int, resolution: int | None = None, generator: torch.Generator | None = None

@@ -107,6 +107,11 @@ class FlowFamily(Family):
             return x0 * (1 - sigma_next) + eps * (sigma_next**2 - std**2).clamp(min=0).sqrt(), std
         raise UserError(f"{self.name}: unknown sde {sde!r}: flow_sde (Flow-GRPO) or cps")
 
+    def flow_time_step(self, schedule: Schedule, i: int) -> Tensor:
+        """sigma_i - sigma_{i+1}."""
+        sigmas = schedule.coeffs["sigmas"]
+        return (sigmas[i] - sigmas[i + 1]).float()
+
     # --------------------------------------------------------------------------------------------- inversion
     def walk_step(self, x: Tensor, pred: Tensor, t_a: Tensor, t_b: Tensor) -> tuple[Tensor, Tensor]:
         """Euler on the flow between sigma = t/1000 values (either direction): x_b = x_a + (sigma_b - sigma_a) v(x_a);

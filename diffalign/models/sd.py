@@ -145,6 +145,15 @@ class UNetFamily(Family):
         std = noise_level * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)).sqrt()
         return alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps, std
 
+    def flow_time_step(self, schedule: Schedule, i: int) -> Tensor:
+        """s(a_t) - s(a_prev) with s(a) = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a)): DDIM is the flow ODE in the variables
+        x / (sqrt(a) + sqrt(1 - a)) at flow time s (both are the same probability-flow ODE, reparametrised)."""
+
+        def flow_time(alpha: Tensor) -> Tensor:
+            return (1 - alpha).sqrt() / (alpha.sqrt() + (1 - alpha).sqrt())
+
+        return (flow_time(schedule.coeffs["alpha"][i]) - flow_time(schedule.coeffs["alpha_prev"][i])).float()
+
     def step(
         self, x: Tensor, pred: Tensor, schedule: Schedule, i: int, eta: float = 0.0, noise: Tensor | None = None
     ) -> Tensor:

@@ -56,6 +56,11 @@ class GrpoConfig(RolloutSettings):
     """PPO ratio clip ε (DDPO and Flow-GRPO 1e-4)."""
     log_prob_reduce: Literal["mean", "sum"] = "mean"
     """A step's log-probability: mean over the latent's dimensions (DDPO, Flow-GRPO) or the sum."""
+    guard: bool = False
+    """GRPO-Guard (Wang et al. 2025, arXiv 2510.22319; verl-omni `grpo_guard`): the log-ratio normalised per step
+    (centred, the same spread at every step: `diffalign.losses.grpo.ratio_norm`) and each step's loss weighted by
+    1 / (its size in flow time), against the over-optimisation plain clipping lets through. Keeps the rollout's
+    means (one more latent per step)."""
     train_cfg: bool = True
     """Train through CFG, the unconditional branch detached (Flow-GRPO `train.cfg`); off: the conditional
     prediction alone in the update (the rollout keeps its CFG, so the first ratio is then not 1)."""
@@ -95,6 +100,8 @@ class Rollout:
     """[n, N] the rollout policy's log-probabilities."""
     advantages: Tensor
     """[n]"""
+    means: Tensor | None
+    """[n, N, ...] the rollout policy's step means (GRPO-Guard), else None."""
     metrics: dict[str, Tensor]
     """What a user watches about the rollout (reward mean/std per reward, zero-spread groups), logged with every
     update it feeds."""
@@ -117,10 +124,9 @@ class GrpoRecipe(OnlineRecipe):
         family, settings = self.family, self.settings
         generator = rollout_generator(self.cfg.seed, self.accelerator.process_index, index)
         images_prompts, cond = self.group_cond(prompts)
-        latents, log_probs, components = [], [], []
+        latents, log_probs, means, components = [], [], [], []
         with torch.no_grad(), self.accelerator.autocast():
-            for chunk in torch.arange(len(images_prompts)).split(self.cfg.batch_size):
-                noise = family.initial_noise(len(chunk), self.resolution, generator)
+            for chunk, noise in self.rollout_noise(len(images_prompts), generator):
                 trajectory = family.rollout(
                     cond_select(cond, chunk), self.uncond, latents=noise, num_steps=len(self.schedule),
                     guidance_scale=self.guidance_scale, noise_level=self.noise_level, sde=settings.sde,
@@ -130,12 +136,14 @@ class GrpoRecipe(OnlineRecipe):
                 components.append(self.score(images, [images_prompts[i] for i in chunk]))
                 latents.append(trajectory.latents)
                 log_probs.append(trajectory.log_probs)
+                means.append(trajectory.means if settings.guard else None)
         advantages, metrics = self.advantages(components, images_prompts)
-        return Rollout(images_prompts, cond, torch.cat(latents), torch.cat(log_probs), advantages, metrics)
+        kept_means = torch.cat(means) if settings.guard else None
+        return Rollout(images_prompts, cond, torch.cat(latents), torch.cat(log_probs), advantages, kept_means, metrics)
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """The PPO-clipped loss (+ β KL to the reference) of one micro-batch at one trained step."""
-        from diffalign.losses.grpo import kl_to_reference, ppo_loss
+        from diffalign.losses.grpo import kl_to_reference, ppo_loss, ratio_norm
         from diffalign.models import cond_select
 
         family, settings, rollout, i = self.family, self.settings, batch["rollout"], batch["step"]
@@ -155,7 +163,15 @@ class GrpoRecipe(OnlineRecipe):
         log_prob, mean, std = transition(detach_uncond=True)
         old = rollout.log_probs[images, i].to(log_prob.device)
         advantages = rollout.advantages[images].to(log_prob.device)
-        loss, metrics = ppo_loss(log_prob, old, advantages, settings.clip_range, settings.adv_clip)
+        shift, scale, weight = 0.0, 1.0, 1.0
+        if settings.guard:
+            old_mean = rollout.means[images, i].to(mean.device)
+            shift, scale = ratio_norm(mean, old_mean, std, settings.log_prob_reduce)
+            weight = 1 / family.flow_time_step(self.schedule, i).to(mean.device)
+        loss, metrics = ppo_loss(
+            log_prob, old, advantages, settings.clip_range, settings.adv_clip, shift=shift, scale=scale
+        )
+        loss = loss * weight
         metrics["policy_loss"] = loss.detach()
         if settings.kl_weight > 0:
             with family.reference():

@@ -158,9 +158,8 @@ class NftRecipe(OnlineRecipe):
         parts: dict[str, list[Tensor]] = {"clean": [], "timesteps": [], "noisy": [], "old_clean": []}
         components = []
         with torch.no_grad(), self.accelerator.autocast(), self.old.active():
-            for chunk in torch.arange(len(images_prompts)).split(self.cfg.batch_size):
+            for chunk, noise in self.rollout_noise(len(images_prompts), generator):
                 chunk_cond = cond_select(cond, chunk)
-                noise = family.initial_noise(len(chunk), self.resolution, generator)
                 clean = family.sample(
                     chunk_cond, self.uncond, latents=noise, num_steps=len(self.schedule),
                     guidance_scale=self.guidance_scale,

@@ -86,7 +86,7 @@ METHODS: dict[str, Method] = {
         Method(
             "grpo", "GRPO (DDPO / Flow-GRPO)", "training", "diffalign.train.grpo", "diffalign.train.grpo:Config",
             "diffalign.apps.sections.grpo:grpo_section",
-            full={"steps": 60, "rollout": (8, 8)}, quick={"steps": 2, "rollout": (2, 4)}, in_demo=False, bench=True,
+            full={"steps": 150, "rollout": (8, 8)}, quick={"steps": 2, "rollout": (2, 4)}, in_demo=False, bench=True,
             smoke=(
                 "grpo.prompts_per_rollout=2", "grpo.group_size=2", "gradient_accumulation_steps=2",
                 "grpo.num_steps=3",

@@ -1,13 +1,14 @@
 """GRPO benchmark (used by `scripts/bench.py grpo`): the recipe's own work against the bare torch work it needs.
 
-The toy model with a rank-8 LoRA (random non-zero B), configs/grpo/toy.yaml's sampler (10 DDIM steps, η 1, CFG 4.5):
+The toy model with a rank-8 LoRA (random non-zero B), 10 DDIM steps, every one at η 1 (configs/grpo/toy.yaml makes
+only its first 3 stochastic: this is the recipe's largest rollout), CFG 4.5, the first 5 steps trained:
   rollout  `Family.rollout` of IMAGES training-prompt images in chunks of 16, recording latents and log-probs,
            against the bare stochastic sampler `Family.sample(eta=1)` on the same noise (the same denoiser calls).
            Target <= 1.10.
   update   `GrpoRecipe.loss` + backward of one micro-batch (16 images) at each trained step, with the KL term on,
            against the bare work: the same CFG forward, a plain loss on the prediction, its backward, and the
            reference forward (LoRA off, no grad). Target <= 1.10.
-  memory   peak RSS of one whole `diffalign train` rollout + its updates (configs/grpo/toy.yaml's sampler, 2 prompts
+  memory   peak RSS of one whole `diffalign train` rollout + its updates (the same sampler and trained steps, 2 prompts
            x G images, micro-batches of 16) in a fresh process per G in GROUPS, against the smallest G: flat in G
            at a fixed micro-batch (sampling is chunked; the rollout buffer keeps latents, log-probs and advantages
            only: 11 latents of 8x8x8 floats, 22 KiB, per image on the toy).

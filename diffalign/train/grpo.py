@@ -46,6 +46,9 @@ class GrpoConfig(RolloutSettings):
     sde: Literal["default", "ddim", "flow_sde", "cps"] = "default"
     """The stochastic step: default (UNets: ddim; flow models: flow_sde, Flow-GRPO's), or cps on flow models
     (coefficients-preserving sampling)."""
+    same_noise: bool = False
+    """Every image of a prompt's group starts from the same initial noise, so the group's rewards differ only by
+    the sampler's own noise (DanceGRPO `--init_same_noise`, on in all its scripts; DDPO, Flow-GRPO: off)."""
     window_start: int = bounded(0, ge=0)
     """First stochastic step (MixGRPO / Flow-GRPO-Fast: an SDE window, the ODE elsewhere)."""
     window_size: int | None = bounded(None, ge=1)
@@ -126,7 +129,7 @@ class GrpoRecipe(OnlineRecipe):
         images_prompts, cond = self.group_cond(prompts)
         latents, log_probs, means, components = [], [], [], []
         with torch.no_grad(), self.accelerator.autocast():
-            for chunk, noise in self.rollout_noise(len(images_prompts), generator):
+            for chunk, noise in self.rollout_noise(len(images_prompts), generator, settings.same_noise):
                 trajectory = family.rollout(
                     cond_select(cond, chunk), self.uncond, latents=noise, num_steps=len(self.schedule),
                     guidance_scale=self.guidance_scale, noise_level=self.noise_level, sde=settings.sde,

@@ -66,9 +66,6 @@ class RolloutSettings:
     """CFG while sampling; default: the model's (DDPO 5.0, Flow-GRPO 4.5)."""
     negative_prompt: str | None = None
     """CFG negative prompt; None: the model's stock default (the empty prompt)."""
-    same_noise: bool = False
-    """Every image of a prompt's group starts from the same initial noise, so the group's rewards differ only by
-    the sampler's own noise (DanceGRPO `--init_same_noise`, on in all its scripts; DDPO, Flow-GRPO: off)."""
     timestep_fraction: float = bounded(1.0, gt=0, le=1)
     """The fraction of the steps that is trained, at least one (DDPO 1.0, Flow-GRPO 0.99)."""
     adv_clip: float = bounded(5.0, gt=0)
@@ -204,7 +201,9 @@ class OnlineRecipe:
         rows = torch.arange(len(prompts)).repeat_interleave(group)
         return [p for p in prompts for _ in range(group)], cond_select(cond, rows)
 
-    def rollout_noise(self, images: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    def rollout_noise(
+        self, images: int, generator: torch.Generator, same_noise: bool = False
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         """(image indices, their initial noise) per sampling chunk of `batch_size` images of a rollout of `images`.
         Each image draws its own noise, chunk by chunk as the chunks are sampled, or with `same_noise` its group's,
         drawn once for the rollout."""
@@ -212,7 +211,7 @@ class OnlineRecipe:
 
         group = self.settings.group_size
         shared = None
-        if self.settings.same_noise:
+        if same_noise:
             shared = self.family.initial_noise(images // group, self.resolution, generator)
         for chunk in torch.arange(images).split(self.cfg.batch_size):
             if shared is None:
